@@ -1,0 +1,57 @@
+"""The `vqtok` command: argument parsing only; every subcommand calls the Python API."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .jobs import eval_vqvae, train_vqvae
+from .pipeline.errors import ConfigError, DataError
+
+
+def _train(args) -> int:
+    train_vqvae.train_vqvae(train_vqvae.config_from_args(args))
+    return 0
+
+
+def _convert(args) -> int:
+    from .pipeline.convert import convert
+
+    convert(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vqtok", description="Image tokenization at corpus scale.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train-vqvae", help="train a VQ-VAE tokenizer")
+    train_vqvae.add_arguments(t)
+    t.set_defaults(func=_train)
+
+    e = sub.add_parser("eval-vqvae", help="held-out metrics and reconstructions for a tokenizer")
+    eval_vqvae.add_arguments(e)
+    e.set_defaults(func=eval_vqvae.run_from_args)
+
+    c = sub.add_parser("convert", help="write WebDataset shards (KEY.png, KEY.cls) from IDX files or an image folder")
+    c.add_argument("src", nargs="+", help="IDX images file, image folder, tar shards, or URL patterns")
+    c.add_argument("out", help="output directory (local or any fsspec URL)")
+    c.add_argument("--shard-size", type=int, default=10_000, help="images per shard")
+    c.add_argument("--prefix", default="shard", help="shard file name prefix")
+    c.set_defaults(func=_convert)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"vqtok {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"vqtok {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

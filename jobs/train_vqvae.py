@@ -1,0 +1,358 @@
+"""Train a VQ-VAE tokenizer: `vqtok train-vqvae` / `python -m vqtok.jobs.train_vqvae`.
+
+    cfg = TrainConfig(data=["shards/*.tar"], out="runs/tok", steps=5000)
+    result = train_vqvae(cfg)        # -> result.tokenizer_dir, result.metrics
+
+One process for now. The loop is `train_worker(cfg, ctx)`, where ctx says which rank this is and
+on which device it runs: a Ray Train worker wraps it without a rewrite (data is sharded by rank, the
+quantizer syncs its codebook statistics through torch.distributed, rank 0 writes checkpoints).
+
+Re-running the same command resumes from the newest checkpoint in RUN_DIR/checkpoints and says so.
+At the end RUN_DIR holds tokenizer/ (the bundle), config.json (the resolved config),
+metrics.json, reconstructions.png and codebook_usage.png.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..config import check_keys, load_config_file, save_json
+from ..models import VQVAE, Preprocess, Tokenizer, VQVAEConfig
+from ..pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..pipeline.decode import DEFAULT_MAX_PIXELS
+from ..pipeline.errors import ConfigError, DataError
+from ..pipeline.evaluate import evaluate
+from ..pipeline.progress import Progress, fmt_duration
+from ..pipeline.sources import FailureLog, list_units, split_patterns
+from ..pipeline.stream import ImageStream, prefetch
+from ..pipeline.viz import save_reconstruction_grid, save_usage_histogram
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    data: list[str]
+    out: str
+    val_data: list[str] = field(default_factory=list)
+    model: VQVAEConfig = field(default_factory=VQVAEConfig)
+    steps: int = 5000
+    batch_size: int = 128
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    min_lr_ratio: float = 0.1  # cosine decay from lr to lr * min_lr_ratio
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 100
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    shuffle_buffer: int = 10_000
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    max_failure_fraction: float = 0.1  # fail the run when more of the inputs than this are bad
+    device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
+    threads: int = 0  # torch CPU threads (0: torch's default)
+
+    def __post_init__(self):
+        if isinstance(self.model, dict):
+            check_keys(self.model, VQVAEConfig, "model")
+            self.model = VQVAEConfig(**self.model)
+        self.data = split_patterns(self.data) if self.data else []
+        self.val_data = split_patterns(self.val_data) if self.val_data else []
+        if not self.data:
+            raise ConfigError("--data is required: a path or URL pattern of training images "
+                              "(e.g. examples/fashion-mnist or /data/train-{000000..000099}.tar)")
+        if not self.out:
+            raise ConfigError("--out is required: the run directory (e.g. runs/tokenizer)")
+        positive = ("steps", "batch_size", "log_every", "checkpoint_every", "shuffle_buffer", "max_image_pixels")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ConfigError(f"--lr {self.lr}: must be a positive number (e.g. 2e-3)")
+        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.threads < 0:
+            raise ConfigError("--warmup-steps, --weight-decay, --grad-clip and --threads must not be negative")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio {self.min_lr_ratio}: must be in [0, 1]")
+        if not 0 <= self.max_failure_fraction <= 1:
+            raise ConfigError(f"--max-failure-fraction {self.max_failure_fraction}: must be in [0, 1]")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ConfigError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        check_keys(d, cls, "train config")
+        return cls(**d)
+
+
+@dataclass
+class WorkerContext:
+    """Where this copy of the loop runs. Ray Train fills it from its own context."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    tokenizer_dir: str
+    tokenizer_id: str
+    metrics: dict
+    reconstructions: str
+    usage_histogram: str
+    resumed_from: int | None
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device}: no CUDA device is visible here; use --device cpu or auto")
+    return device
+
+
+def check_output_dir(out: str) -> Path:
+    """Create RUN_DIR (or fail now, naming it) before any work starts."""
+    if "://" in out:
+        raise ConfigError(f"--out {out}: train-vqvae writes to a local directory for now; give a local path")
+    p = Path(out)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot write there ({e.strerror}); choose a writable directory") from None
+    return p
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to lr * min_lr_ratio."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+# ----------------------------------------------------------------------------------------------
+def train_vqvae(cfg: TrainConfig) -> TrainResult:
+    """Validate everything, then train in this process (rank 0 of 1)."""
+    run_dir = check_output_dir(cfg.out)
+    list_units(cfg.data)  # a pattern that matches nothing fails here, before any model is built
+    if cfg.val_data:
+        list_units(cfg.val_data)
+    device = resolve_device(cfg.device)
+    return train_worker(cfg, WorkerContext(device=device), run_dir)
+
+
+def train_worker(cfg: TrainConfig, ctx: WorkerContext, run_dir: Path) -> TrainResult:
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    mc = cfg.model
+    preprocess = Preprocess(image_size=mc.image_size, channels=mc.channels)
+    model = VQVAE(mc).to(ctx.device)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+
+    step, consumed, resumed_from = 0, 0, None
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None:
+        state = load_checkpoint(ckpt)
+        _check_same_model(state["config"]["model"], mc, run_dir)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        step, consumed, resumed_from = int(state["step"]), int(state["consumed"]), int(state["step"])
+        if ctx.is_main:
+            print(f"vqtok: resumed from step {step} ({ckpt})", flush=True)
+    if ctx.is_main:
+        save_json(cfg.to_dict(), run_dir / "config.json")
+
+    failures = FailureLog(verbose=ctx.is_main)
+    stream = ImageStream(list_units(cfg.data), preprocess, seed=cfg.seed, rank=ctx.rank,
+                         world_size=ctx.world_size, shuffle_buffer=cfg.shuffle_buffer,
+                         max_pixels=cfg.max_image_pixels, failures=failures)
+    batches = prefetch(stream.batches(cfg.batch_size, skip=consumed))
+    use_bf16 = torch.device(ctx.device).type == "cuda"
+    progress = Progress(cfg.steps, start_step=step, every=cfg.log_every)
+    if ctx.is_main:
+        print(f"vqtok: training {_describe(model, mc)} on {ctx.device} for {cfg.steps} steps "
+              f"(batch {cfg.batch_size}); run directory {run_dir}", flush=True)
+    t0 = time.time()
+    model.train()
+    while step < cfg.steps:
+        batch = next(batches)
+        x = Preprocess.to_model(batch.pixels.to(ctx.device, non_blocking=True))
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        with torch.autocast(device_type=torch.device(ctx.device).type, dtype=torch.bfloat16, enabled=use_bf16):
+            recon, q = model(x)
+        recon_loss = F.mse_loss(recon.float(), x)
+        loss = recon_loss + q.loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        opt.step()
+        step += 1
+        consumed = batch.consumed
+        _check_failures(failures, consumed, cfg)
+        if ctx.is_main:
+            progress.update(step, len(x), loss=loss.item(), mse=recon_loss.item() / 4,
+                            commit=q.commitment_loss.item(), ppl=q.perplexity.item(),
+                            usage=model.quantizer.usage())
+        if ctx.is_main and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
+            save_checkpoint(run_dir, step, {
+                "step": step, "consumed": consumed, "model": model.state_dict(),
+                "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "config": cfg.to_dict(),
+            }, keep=cfg.keep_checkpoints)
+    train_seconds = time.time() - t0
+    train_metrics = dict(progress.last)
+    if not ctx.is_main:
+        return None  # type: ignore[return-value]
+    return _finish(cfg, model, run_dir, train_metrics, train_seconds, failures, resumed_from, ctx)
+
+
+def _finish(cfg, model, run_dir: Path, train_metrics, train_seconds, failures, resumed_from, ctx) -> TrainResult:
+    """Export the bundle, evaluate, draw the pictures, write metrics.json."""
+    tokenizer = Tokenizer(model.cpu())
+    tok_dir = run_dir / "tokenizer"
+    tok_id = tokenizer.save(tok_dir)
+    model.to(ctx.device)
+    held_out = None
+    eval_data = cfg.val_data or cfg.data
+    stream = ImageStream(list_units(eval_data), tokenizer.preprocess, shuffle=False,
+                         max_pixels=cfg.max_image_pixels, failures=FailureLog(verbose=False))
+    result = evaluate(model, stream, device=ctx.device, max_images=None if cfg.val_data else 10_000)
+    if cfg.val_data:
+        held_out = result.metrics
+    recon_png = save_reconstruction_grid(result.originals, result.reconstructions, run_dir / "reconstructions.png")
+    usage_png = save_usage_histogram(result.counts, run_dir / "codebook_usage.png",
+                                     title="held-out codebook usage" if cfg.val_data else "codebook usage (train data)")
+    metrics = {
+        "steps": cfg.steps,
+        "train": train_metrics,
+        "train_eval": None if cfg.val_data else result.metrics,
+        "held_out": held_out,
+        "train_seconds_this_run": train_seconds,
+        "skipped_inputs": failures.count,
+        "tokenizer_id": tok_id,
+    }
+    save_json(metrics, run_dir / "metrics.json")
+    m = result.metrics
+    where = "held-out" if cfg.val_data else "training data (no --val-data given)"
+    print(f"vqtok: done. {where}: mse {m['mse']:.5f} | psnr {m['psnr']:.2f} dB | usage {100 * m['usage']:.1f}% "
+          f"| perplexity {m['perplexity']:.1f} over {m['images']} images", flush=True)
+    print(f"vqtok: tokenizer  {tok_dir}  (id {tok_id[:16]}...)", flush=True)
+    print(f"vqtok: reconstructions  {recon_png}", flush=True)
+    print(f"vqtok: codebook usage   {usage_png}", flush=True)
+    print(f"vqtok: metrics          {run_dir / 'metrics.json'}"
+          f"  (trained {fmt_duration(train_seconds)} this run, {failures.count} inputs skipped)", flush=True)
+    return TrainResult(str(run_dir), str(tok_dir), tok_id, metrics, recon_png, usage_png, resumed_from)
+
+
+def _check_same_model(saved: dict, current: VQVAEConfig, run_dir: Path) -> None:
+    now = current.to_dict()
+    diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
+    if diff:
+        desc = ", ".join(f"{k}: {a!r} in the checkpoint vs {b!r} now" for k, (a, b) in sorted(diff.items()))
+        raise ConfigError(f"{run_dir} holds a run with a different model ({desc}); use a new --out "
+                          f"directory, or delete {run_dir / 'checkpoints'} to start over")
+
+
+def _check_failures(failures: FailureLog, consumed: int, cfg: TrainConfig) -> None:
+    seen = consumed + failures.count
+    if failures.count > 20 and failures.count / max(seen, 1) > cfg.max_failure_fraction:
+        raise DataError(f"{failures.count} of {seen} inputs could not be used (more than "
+                        f"--max-failure-fraction {cfg.max_failure_fraction}); first: {failures.examples[0]}")
+
+
+def _describe(model, mc: VQVAEConfig) -> str:
+    n = sum(p.numel() for p in model.parameters())
+    return (f"VQ-VAE ({n / 1e6:.2f}M params, {mc.image_size}x{mc.image_size}x{mc.channels} -> "
+            f"{mc.grid}x{mc.grid} tokens, K={mc.codebook_size}, {mc.codebook} codebook)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line (shared by `vqtok train-vqvae` and `python -m vqtok.jobs.train_vqvae`)
+# ----------------------------------------------------------------------------------------------
+MODEL_FLAGS = {  # flag -> VQVAEConfig field
+    "codebook_size": int, "code_dim": int, "codebook_dim": int, "image_size": int, "channels": int,
+    "downsample": int, "width": int, "res_blocks": int, "beta": float, "codebook": str,
+    "restart_window": int,
+}
+TRAIN_FLAGS = {
+    "steps": int, "batch_size": int, "lr": float, "weight_decay": float, "warmup_steps": int,
+    "grad_clip": float, "seed": int, "log_every": int, "checkpoint_every": int, "keep_checkpoints": int,
+    "max_failure_fraction": float, "max_image_pixels": int, "device": str, "threads": int,
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", action="append", help="training images: paths or URL patterns (repeat or comma-separate)")
+    p.add_argument("--val-data", action="append", help="held-out images for the final metrics")
+    p.add_argument("--out", help="run directory: checkpoints, tokenizer/, metrics.json, pictures")
+    p.add_argument("--config", help="a JSON or YAML file of options (flags given here override it)")
+    for name, typ in {**TRAIN_FLAGS, **MODEL_FLAGS}.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None)
+    p.add_argument("--no-kmeans-init", action="store_true", default=None, help="random codebook initialisation")
+    p.add_argument("--l2-normalize", action="store_true", default=None, help="l2-normalised codes")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    base = load_config_file(args.config) if args.config else {}
+    base = dict(base)
+    model = dict(base.pop("model", {}) or {})
+    for name in MODEL_FLAGS:
+        if getattr(args, name, None) is not None:
+            model[name] = getattr(args, name)
+    if args.no_kmeans_init:
+        model["kmeans_init"] = False
+    if args.l2_normalize:
+        model["l2_normalize"] = True
+    for name in TRAIN_FLAGS:
+        if getattr(args, name, None) is not None:
+            base[name] = getattr(args, name)
+    for name in ("data", "val_data", "out"):
+        if getattr(args, name, None):
+            base[name] = getattr(args, name)
+    base.setdefault("data", [])
+    base.setdefault("out", "")
+    check_keys(model, VQVAEConfig, "model options")
+    try:
+        base["model"] = VQVAEConfig(**model)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    return TrainConfig.from_dict(base)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vqtok.jobs.train_vqvae", description="Train a VQ-VAE tokenizer.")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        train_vqvae(config_from_args(args))
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"vqtok train-vqvae: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""Corpus sources: URL patterns -> sorted units of work -> raw samples.
+
+A unit is one input shard or file (a WebDataset tar, an IDX file, a chunk of an image folder).
+Units are listed and sorted on the driver; everything downstream is a function of that list.
+
+    units = list_units(["/data/train-{000000..000099}.tar", "s3://bucket/more/*.tar"])
+    for sample in iter_unit(units[0], on_failure=failures.add): ...
+
+Raw samples carry encoded image bytes (tar members, image files) or already-decoded uint8 pixels
+(IDX). Decoding and preprocessing happen in pipeline.decode.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import posixpath
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+from braceexpand import braceexpand
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from .errors import DataError
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+IDX_IMAGES = re.compile(r"idx3-ubyte(\.gz)?$")
+FOLDER_UNIT_SIZE = 1000  # image files per unit when reading an image folder
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+@dataclass(frozen=True)
+class Unit:
+    url: str  # the shard or file; for a folder chunk, the folder and the chunk number
+    kind: str  # "tar" | "idx" | "files"
+    files: tuple[str, ...] = ()  # "files": the image files of this chunk
+    labels: tuple[int | None, ...] = ()  # "files": the label of each file (from its parent folder)
+    labels_url: str | None = None  # "idx": the matching labels file, when there is one
+
+
+@dataclass
+class RawSample:
+    key: str
+    data: bytes | np.ndarray  # encoded image bytes, or uint8 pixels (H, W[, C])
+    label: int | None
+    unit: str
+
+
+@dataclass
+class Failure:
+    key: str
+    unit: str
+    reason: str
+
+
+@dataclass
+class FailureLog:
+    """Counts skipped inputs and keeps the first few for the report."""
+
+    keep: int = 20
+    count: int = 0
+    examples: list[Failure] = field(default_factory=list)
+    verbose: bool = True
+
+    def add(self, f: Failure) -> None:
+        self.count += 1
+        if len(self.examples) < self.keep:
+            self.examples.append(f)
+            if self.verbose:
+                print(f"vqtok: skipped {f.key!r} in {f.unit}: {f.reason}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Patterns -> units
+# ----------------------------------------------------------------------------------------------
+def split_patterns(data: str | Sequence[str]) -> list[str]:
+    """'a.tar,b-{0..3}.tar' or ['a.tar', ...] -> patterns (commas inside braces are kept)."""
+    items = [data] if isinstance(data, str) else list(data)
+    out: list[str] = []
+    for item in items:
+        depth, cur = 0, ""
+        for ch in item:
+            depth += ch == "{"
+            depth -= ch == "}"
+            if ch == "," and depth == 0:
+                out.append(cur)
+                cur = ""
+            else:
+                cur += ch
+        out.append(cur)
+    return [p.strip() for p in out if p.strip()]
+
+
+def list_units(data: str | Sequence[str], *, folder_unit_size: int = FOLDER_UNIT_SIZE) -> list[Unit]:
+    """Expand patterns (braces, globs, directories, any fsspec URL) into sorted, de-duplicated units.
+    Raises DataError naming any pattern that matches nothing."""
+    patterns = split_patterns(data)
+    if not patterns:
+        raise DataError("no input data given: pass --data with a path or URL pattern (e.g. /data/train-{000..009}.tar)")
+    units: dict[str, Unit] = {}
+    for pattern in patterns:
+        found = 0
+        for url in braceexpand(pattern):
+            for unit in _units_for(url, folder_unit_size):
+                units.setdefault(unit.url, unit)
+                found += 1
+        if not found:
+            raise DataError(
+                f"--data pattern {pattern!r} matches no input: check the path (brace ranges look like "
+                f"train-{{000000..000099}}.tar; globs like shards/*.tar), or that the directory holds "
+                f".tar shards, IDX files or images ({', '.join(IMAGE_EXTS)})"
+            )
+    return sorted(units.values(), key=lambda u: u.url)
+
+
+def _units_for(url: str, folder_unit_size: int) -> list[Unit]:
+    fs, path = fsspec.core.url_to_fs(url)
+    proto = url.split("://", 1)[0] + "://" if "://" in url else ""
+    full = lambda p: proto + p if proto and not p.startswith(proto) else p  # noqa: E731
+    if _GLOB_CHARS.search(path):
+        paths = sorted(fs.glob(path))
+        files = [p for p in paths if not fs.isdir(p)]
+        return _classify([full(p) for p in files], folder_unit_size, base=None)
+    if not fs.exists(path):
+        return []
+    if fs.isdir(path):
+        files = sorted(p for p in fs.find(path) if not posixpath.basename(p).startswith("."))
+        return _classify([full(p) for p in files], folder_unit_size, base=full(path))
+    return _classify([full(path)], folder_unit_size, base=None)
+
+
+def _classify(files: list[str], folder_unit_size: int, base: str | None) -> list[Unit]:
+    tars = [f for f in files if f.endswith(TAR_SUFFIXES)]
+    idx = [f for f in files if IDX_IMAGES.search(f)]
+    images = [f for f in files if _ext(f) in IMAGE_EXTS]
+    units = [Unit(url=f, kind="tar") for f in tars]
+    for f in idx:
+        labels = re.sub(r"images-idx3", "labels-idx1", f)
+        labels = labels.replace("idx3-ubyte", "idx1-ubyte")
+        units.append(Unit(url=f, kind="idx", labels_url=labels if labels != f and _exists(labels) else None))
+    if images and not tars and not idx:
+        units += _folder_units(images, folder_unit_size, base)
+    return units
+
+
+def _folder_units(images: list[str], size: int, base: str | None) -> list[Unit]:
+    parents = [posixpath.basename(posixpath.dirname(f)) for f in images]
+    labels: list[int | None]
+    if base is not None and all(posixpath.dirname(f) != base.rstrip("/") for f in images):
+        # Every image sits in a sub-folder: the sub-folder names are the classes.
+        if all(p.isdigit() for p in parents):
+            labels = [int(p) for p in parents]
+        else:
+            classes = {name: i for i, name in enumerate(sorted(set(parents)))}
+            labels = [classes[p] for p in parents]
+    else:
+        labels = [None] * len(images)
+    root = base.rstrip("/") if base else posixpath.dirname(images[0])
+    return [
+        Unit(url=f"{root}#{i // size:06d}", kind="files", files=tuple(images[i : i + size]),
+             labels=tuple(labels[i : i + size]))
+        for i in range(0, len(images), size)
+    ]
+
+
+def _ext(name: str) -> str:
+    return name.rsplit(".", 1)[-1].lower() if "." in posixpath.basename(name) else ""
+
+
+def _exists(url: str) -> bool:
+    fs, path = fsspec.core.url_to_fs(url)
+    return fs.exists(path)
+
+
+# ----------------------------------------------------------------------------------------------
+# Units -> raw samples
+# ----------------------------------------------------------------------------------------------
+def iter_unit(unit: Unit, on_failure: Callable[[Failure], None]) -> Iterator[RawSample]:
+    """Raw samples of one unit, in stored order. Bad members are reported through on_failure and
+    skipped; a unit that cannot be read past some point (a truncated tar) is reported and ended."""
+    if unit.kind == "tar":
+        yield from _iter_tar(unit, on_failure)
+    elif unit.kind == "idx":
+        yield from _iter_idx(unit, on_failure)
+    elif unit.kind == "files":
+        yield from _iter_files(unit, on_failure)
+    else:
+        raise DataError(f"unknown unit kind {unit.kind!r} for {unit.url}")
+
+
+def _iter_tar(unit: Unit, on_failure) -> Iterator[RawSample]:
+    n = 0
+    try:
+        with fsspec.open(unit.url, "rb", compression="infer") as f:
+            for sample in group_by_keys(tar_file_iterator(f)):
+                key = sample["__key__"]
+                n += 1
+                image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
+                if image_ext is None:
+                    found = sorted(k for k in sample if not k.startswith("__"))
+                    on_failure(Failure(key, unit.url, f"no image member (found: {', '.join(found) or 'nothing'})"))
+                    continue
+                label = None
+                if "cls" in sample:
+                    try:
+                        label = int(sample["cls"].decode().strip())
+                    except (ValueError, UnicodeDecodeError):
+                        on_failure(Failure(key, unit.url, f"bad .cls label {sample['cls'][:20]!r}: expected an integer"))
+                        continue
+                yield RawSample(key=key, data=sample[image_ext], label=label, unit=unit.url)
+    except Exception as e:  # truncated or corrupt archive: keep what was read, report the rest
+        on_failure(Failure(f"<after {n} samples>", unit.url, f"unreadable tar ({type(e).__name__}: {e})"))
+
+
+def read_idx(url: str) -> np.ndarray:
+    """An IDX file (optionally gzipped) as a numpy array; uint8 data only."""
+    with fsspec.open(url, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{url} is not an unsigned-byte IDX file (magic {raw[:4].hex()})")
+    ndim = raw[3]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
+    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if body.size != int(np.prod(dims)):
+        raise DataError(f"{url}: IDX header says {dims} ({int(np.prod(dims))} bytes) but holds {body.size} bytes")
+    return body.reshape(dims)
+
+
+def _iter_idx(unit: Unit, on_failure) -> Iterator[RawSample]:
+    try:
+        images = read_idx(unit.url)
+        labels = read_idx(unit.labels_url) if unit.labels_url else None
+    except Exception as e:
+        on_failure(Failure("<file>", unit.url, f"unreadable IDX file ({type(e).__name__}: {e})"))
+        return
+    if labels is not None and len(labels) != len(images):
+        on_failure(Failure("<labels>", unit.url, f"{len(labels)} labels for {len(images)} images: labels ignored"))
+        labels = None
+    stem = os.path.basename(unit.url).split(".")[0]
+    for i in range(len(images)):
+        yield RawSample(key=f"{stem}/{i:06d}", data=images[i], label=None if labels is None else int(labels[i]),
+                        unit=unit.url)
+
+
+def _iter_files(unit: Unit, on_failure) -> Iterator[RawSample]:
+    root = unit.url.rsplit("#", 1)[0]
+    for path, label in zip(unit.files, unit.labels):
+        key = posixpath.splitext(path[len(root) + 1 :] if path.startswith(root + "/") else posixpath.basename(path))[0]
+        try:
+            with fsspec.open(path, "rb") as f:
+                data = f.read()
+        except Exception as e:
+            on_failure(Failure(key, unit.url, f"unreadable file {path} ({type(e).__name__}: {e})"))
+            continue
+        yield RawSample(key=key, data=data, label=label, unit=unit.url)

@@ -1,0 +1,157 @@
+"""A deterministic, resumable stream of preprocessed image batches for training.
+
+Epoch e visits this rank's units in an order drawn from (seed, e), passes raw samples through a
+seeded shuffle buffer, decodes, and batches. Everything is a function of (units, seed, rank,
+world_size), so a resumed run skips exactly the samples it had consumed, without decoding them.
+
+Sharding over ranks: whole units when there are at least as many units as ranks, otherwise every
+rank reads every unit and keeps samples i with i % world_size == rank.
+"""
+from __future__ import annotations
+
+import queue
+import random
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..models.preprocess import Preprocess
+from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_sample
+from .errors import DataError
+from .sources import Failure, FailureLog, RawSample, Unit, iter_unit
+
+
+@dataclass
+class Batch:
+    pixels: torch.Tensor  # uint8 (B, S, S, C)
+    labels: list[int | None]
+    keys: list[str]
+    consumed: int  # raw samples taken from the shuffled stream so far (the resume position)
+
+
+class ImageStream:
+    def __init__(
+        self,
+        units: Sequence[Unit],
+        preprocess: Preprocess,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        shuffle_buffer: int = 10_000,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        failures: FailureLog | None = None,
+    ):
+        if not units:
+            raise DataError("no input units to read")
+        self.units, self.preprocess = list(units), preprocess
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.shuffle, self.shuffle_buffer, self.max_pixels = shuffle, shuffle_buffer, max_pixels
+        self.failures = failures if failures is not None else FailureLog()
+
+    # raw, shuffled, not yet decoded
+    def _epoch_raw(self, epoch: int) -> Iterator[RawSample]:
+        units = self.units
+        by_unit = len(units) >= self.world_size
+        if by_unit:
+            units = units[self.rank :: self.world_size]
+        if self.shuffle:
+            units = list(units)
+            random.Random(self.seed * 1_000_003 + epoch).shuffle(units)
+        samples = (s for u in units for s in iter_unit(u, self.failures.add))
+        if not by_unit:
+            samples = (s for i, s in enumerate(samples) if i % self.world_size == self.rank)
+        if not self.shuffle:
+            yield from samples
+            return
+        rng = random.Random(self.seed * 7_919 + epoch + 1)
+        buf: list[RawSample] = []
+        for s in samples:
+            if len(buf) < self.shuffle_buffer:
+                buf.append(s)
+                continue
+            j = rng.randrange(len(buf))
+            buf[j], s = s, buf[j]
+            yield s
+        rng.shuffle(buf)
+        yield from buf
+
+    def raw(self, epochs: int | None = None) -> Iterator[RawSample]:
+        """Shuffled raw samples, epoch after epoch (forever when epochs is None)."""
+        epoch = 0
+        while epochs is None or epoch < epochs:
+            n = 0
+            for s in self._epoch_raw(epoch):
+                n += 1
+                yield s
+            if n == 0:
+                raise DataError(f"rank {self.rank}: an epoch over {len(self.units)} unit(s) produced no samples")
+            epoch += 1
+
+    def batches(self, batch_size: int, *, skip: int = 0, epochs: int | None = None,
+                drop_last: bool = True) -> Iterator[Batch]:
+        """Decoded batches. `skip` raw samples are passed over without decoding (resume)."""
+        consumed = 0
+        pixels: list[np.ndarray] = []
+        labels: list[int | None] = []
+        keys: list[str] = []
+        decoded_any = False
+        for raw in self.raw(epochs):
+            consumed += 1
+            if consumed <= skip:
+                continue
+            try:
+                pixels.append(decode_sample(raw, self.preprocess, self.max_pixels))
+            except DecodeError as e:
+                self.failures.add(Failure(raw.key, raw.unit, str(e)))
+                if not decoded_any and self.failures.count > 1000:
+                    raise DataError(f"the first {self.failures.count} samples all failed to decode "
+                                    f"(last: {e}); check --data") from None
+                continue
+            decoded_any = True
+            labels.append(raw.label)
+            keys.append(raw.key)
+            if len(pixels) == batch_size:
+                yield Batch(torch.from_numpy(np.stack(pixels)), labels, keys, consumed)
+                pixels, labels, keys = [], [], []
+        if pixels and not drop_last:
+            yield Batch(torch.from_numpy(np.stack(pixels)), labels, keys, consumed)
+
+
+def prefetch(it: Iterator, depth: int = 4) -> Iterator:
+    """Run an iterator in a background thread, `depth` items ahead (decoding overlaps compute)."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in it:
+                while not stop.is_set():
+                    try:
+                        q.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put(done)
+        except BaseException as e:  # surface errors in the consumer
+            q.put(e)
+
+    t = threading.Thread(target=work, daemon=True, name="vqtok-prefetch")
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
