@@ -230,11 +230,21 @@ def perplexity(counts: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def kmeans(x: torch.Tensor, k: int, iters: int, l2_normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lloyd's k-means from k random points; empty clusters are re-seeded with random points.
-    Returns (centroids (k, d), cluster sizes (k,) float)."""
+    """Lloyd's k-means seeded with k-means++ (D^2 sampling); empty clusters are re-seeded with
+    random points. Returns (centroids (k, d), cluster sizes (k,) float)."""
     n = x.shape[0]
-    pick = torch.randperm(n, device=x.device)[:k] if n >= k else torch.randint(0, n, (k,), device=x.device)
-    centroids = x[pick].clone()
+    if n <= k:  # fewer points than codes: every point is a code, the rest repeat points at random
+        extra = torch.randint(0, n, (k - n,), device=x.device)
+        pick = torch.cat([torch.arange(n, device=x.device), extra])
+        return x[pick].clone(), torch.bincount(pick, minlength=n)[pick].float()
+    centroids = torch.empty(k, x.shape[1], device=x.device, dtype=x.dtype)
+    centroids[0] = x[torch.randint(0, n, (1,), device=x.device)]
+    d2 = (x - centroids[0]).pow(2).sum(1)
+    for i in range(1, k):
+        total = d2.sum()
+        j = torch.multinomial(d2 / total, 1) if total > 0 else torch.randint(0, n, (1,), device=x.device)
+        centroids[i] = x[j]
+        d2 = torch.minimum(d2, (x - centroids[i]).pow(2).sum(1))
     sizes = torch.zeros(k, device=x.device)
     for _ in range(max(iters, 1)):
         idx = nearest_code(x, centroids)

@@ -139,7 +139,8 @@ class Tokenizer:
         s, c = self.preprocess.image_size, self.preprocess.channels
         if arr.shape[1:] != (s, s, c):
             arr = np.stack([self.preprocess.array_to_array(a) for a in arr])
-        return torch.from_numpy(np.ascontiguousarray(arr))
+        arr = np.ascontiguousarray(arr)
+        return torch.from_numpy(arr if arr.flags.writeable else arr.copy())
 
     @torch.no_grad()
     def encode(self, images, batch_size: int = 256) -> torch.Tensor:

@@ -15,6 +15,8 @@ import gzip
 import os
 import posixpath
 import re
+import tarfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -195,7 +197,8 @@ def _iter_tar(unit: Unit, on_failure) -> Iterator[RawSample]:
     n = 0
     try:
         with fsspec.open(unit.url, "rb", compression="infer") as f:
-            for sample in group_by_keys(tar_file_iterator(f)):
+            members = (dict(m, __url__=unit.url) for m in tar_file_iterator(f))
+            for sample in group_by_keys(members):
                 key = sample["__key__"]
                 n += 1
                 image_ext = next((e for e in IMAGE_EXTS if e in sample), None)
@@ -211,7 +214,8 @@ def _iter_tar(unit: Unit, on_failure) -> Iterator[RawSample]:
                         on_failure(Failure(key, unit.url, f"bad .cls label {sample['cls'][:20]!r}: expected an integer"))
                         continue
                 yield RawSample(key=key, data=sample[image_ext], label=label, unit=unit.url)
-    except Exception as e:  # truncated or corrupt archive: keep what was read, report the rest
+    except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as e:
+        # truncated or corrupt archive (or a duplicate member name): keep what was read, report the rest
         on_failure(Failure(f"<after {n} samples>", unit.url, f"unreadable tar ({type(e).__name__}: {e})"))
 
 

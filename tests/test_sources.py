@@ -1,0 +1,124 @@
+"""Corpus sources on real files: WebDataset shards, image folders, IDX; bad inputs reported."""
+import tarfile
+
+import numpy as np
+import pytest
+
+from conftest import SAMPLE_DIR, SAMPLE_IMAGES, png_bomb_header, png_bytes, write_tar
+from vqtok import DataError, Preprocess, convert
+from vqtok.pipeline.decode import DecodeError, decode_image
+from vqtok.pipeline.sources import FailureLog, iter_unit, list_units, split_patterns
+from vqtok.pipeline.stream import ImageStream
+
+PRE = Preprocess(image_size=28, channels=1)
+
+
+def _read_all(data):
+    failures = FailureLog(verbose=False)
+    stream = ImageStream(list_units(data), PRE, shuffle=False, failures=failures)
+    keys, pixels, labels = [], [], []
+    for b in stream.batches(100, epochs=1, drop_last=False):
+        keys += b.keys
+        pixels.append(b.pixels.numpy())
+        labels += b.labels
+    return keys, np.concatenate(pixels) if pixels else None, labels, failures
+
+
+def test_split_patterns_keeps_commas_inside_braces():
+    assert split_patterns("a-{0,1}.tar,b.tar") == ["a-{0,1}.tar", "b.tar"]
+    assert split_patterns(["x.tar", "y-{000..002}.tar, z"]) == ["x.tar", "y-{000..002}.tar", "z"]
+
+
+def test_idx_directory_is_one_unit_with_labels(fmnist):
+    units = list_units(str(SAMPLE_DIR))
+    assert [u.kind for u in units] == ["idx"] and units[0].labels_url
+    samples = list(iter_unit(units[0], FailureLog().add))
+    assert len(samples) == 10_000 and samples[7].label == int(fmnist[1][7])
+    assert np.array_equal(samples[7].data, fmnist[0][7])
+
+
+def test_convert_then_read_shards_round_trip(tmp_path, fmnist):
+    res = convert(str(SAMPLE_IMAGES), str(tmp_path / "shards"), shard_size=400, verbose=False)
+    assert res.images == 10_000 and len(res.shards) == 25
+    # brace pattern, glob and directory all find the same sorted shards
+    brace = list_units(str(tmp_path / "shards" / "shard-{000000..000024}.tar"))
+    glob = list_units(str(tmp_path / "shards" / "*.tar"))
+    folder = list_units(str(tmp_path / "shards"))
+    assert [u.url for u in brace] == [u.url for u in glob] == [u.url for u in folder]
+    assert len(brace) == 25 and all(u.kind == "tar" for u in brace)
+    # the first two shards read back bit-exactly, labels included
+    keys, pixels, labels, failures = _read_all([brace[0].url, brace[1].url])
+    assert failures.count == 0 and len(keys) == 800
+    assert np.array_equal(pixels[..., 0], fmnist[0][:800])
+    assert labels == [int(v) for v in fmnist[1][:800]]
+    assert keys[0] == "t10k-images-idx3-ubyte/000000"
+
+
+def test_image_folder_with_labels_from_parent(tmp_path, fmnist):
+    for i in range(6):
+        d = tmp_path / "imgs" / ("shirt" if i % 2 else "boot")
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"{i}.png").write_bytes(png_bytes(fmnist[0][i]))
+    keys, pixels, labels, failures = _read_all(str(tmp_path / "imgs"))
+    assert sorted(keys) == sorted(f"{'shirt' if i % 2 else 'boot'}/{i}" for i in range(6))
+    assert {k.split("/")[0]: l for k, l in zip(keys, labels)} == {"boot": 0, "shirt": 1}
+    # convert writes an image folder to shards too
+    res = convert(str(tmp_path / "imgs"), str(tmp_path / "out"), verbose=False)
+    assert res.images == 6
+
+
+def test_bad_members_are_skipped_counted_and_named(tmp_path, fmnist):
+    good = png_bytes(fmnist[0][0])
+    shard = write_tar(tmp_path / "bad.tar", [
+        ("a.png", good), ("a.cls", b"3"),
+        ("trunc.png", good[: len(good) // 2]),
+        ("empty.png", b""),
+        ("text.png", b"this is not an image at all"),
+        ("bomb.png", png_bomb_header()),
+        ("nolabel.json", b"{}"),
+        ("b.png", png_bytes(fmnist[0][1])),
+    ])
+    keys, pixels, labels, failures = _read_all(str(shard))
+    assert keys == ["a", "b"] and labels == [3, None]
+    reasons = {f.key: f.reason for f in failures.examples}
+    assert set(reasons) == {"trunc", "empty", "text", "bomb", "nolabel"}
+    assert "truncated" in reasons["trunc"] and "zero-byte" in reasons["empty"]
+    assert "not an image" in reasons["text"] and "decompression bomb" in reasons["bomb"]
+    assert "no image member" in reasons["nolabel"]
+
+
+def test_truncated_tar_keeps_what_was_readable(tmp_path, fmnist):
+    members = [(f"{i:03d}.png", png_bytes(fmnist[0][i])) for i in range(20)]
+    full = write_tar(tmp_path / "full.tar", members).read_bytes()
+    (tmp_path / "cut.tar").write_bytes(full[: len(full) // 2])
+    keys, pixels, labels, failures = _read_all(str(tmp_path / "cut.tar"))
+    assert 5 <= len(keys) < 20
+    assert np.array_equal(pixels[..., 0], fmnist[0][: len(keys)])
+    assert failures.count == 1 and "unreadable tar" in failures.examples[0].reason
+
+
+def test_odd_modes_follow_the_policy():
+    from PIL import Image
+    import io
+
+    def enc(img):
+        b = io.BytesIO()
+        img.save(b, format="PNG")
+        return b.getvalue()
+
+    rgba = Image.new("RGBA", (40, 30), (0, 0, 0, 0))  # fully transparent -> white
+    assert decode_image(enc(rgba), PRE).min() == 255
+    i16 = Image.fromarray(np.full((28, 28), 65535, dtype=np.uint16))
+    assert decode_image(enc(i16), PRE).min() == 255
+    pal = Image.new("P", (28, 28))
+    assert decode_image(enc(pal), Preprocess(image_size=16, channels=3)).shape == (16, 16, 3)
+    with pytest.raises(DecodeError, match="bomb"):
+        decode_image(enc(Image.new("L", (100, 100))), PRE, max_pixels=5000)
+
+
+def test_patterns_that_match_nothing_are_named(tmp_path):
+    with pytest.raises(DataError, match=r"'/no/such/dir/\*\.tar'"):
+        list_units("/no/such/dir/*.tar")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DataError, match="matches no input"):
+        list_units(str(tmp_path))
