@@ -222,6 +222,7 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, run_dir: Path) -> TrainRe
                 "step": step, "consumed": consumed, "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "config": cfg.to_dict(),
             }, keep=cfg.keep_checkpoints)
+    batches.close()  # stops the prefetch thread
     train_seconds = time.time() - t0
     train_metrics = dict(progress.last)
     if not ctx.is_main:
@@ -277,8 +278,8 @@ def _check_same_model(saved: dict, current: VQVAEConfig, run_dir: Path) -> None:
 
 
 def _check_failures(failures: FailureLog, consumed: int, cfg: TrainConfig) -> None:
-    seen = consumed + failures.count
-    if failures.count > 20 and failures.count / max(seen, 1) > cfg.max_failure_fraction:
+    seen = max(consumed, 1)  # raw samples read so far, the failed ones included
+    if failures.count > 20 and failures.count / seen > cfg.max_failure_fraction:
         raise DataError(f"{failures.count} of {seen} inputs could not be used (more than "
                         f"--max-failure-fraction {cfg.max_failure_fraction}); first: {failures.examples[0]}")
 

@@ -82,12 +82,16 @@ class ImageStream:
 
     def raw(self, epochs: int | None = None) -> Iterator[RawSample]:
         """Shuffled raw samples, epoch after epoch (forever when epochs is None)."""
+        for _, s in self._raw_with_epoch(epochs):
+            yield s
+
+    def _raw_with_epoch(self, epochs: int | None) -> Iterator[tuple[int, RawSample]]:
         epoch = 0
         while epochs is None or epoch < epochs:
             n = 0
             for s in self._epoch_raw(epoch):
                 n += 1
-                yield s
+                yield epoch, s
             if n == 0:
                 raise DataError(f"rank {self.rank}: an epoch over {len(self.units)} unit(s) produced no samples")
             epoch += 1
@@ -99,8 +103,13 @@ class ImageStream:
         pixels: list[np.ndarray] = []
         labels: list[int | None] = []
         keys: list[str] = []
-        decoded_any = False
-        for raw in self.raw(epochs):
+        epoch_now, decoded_this_epoch, epoch_start = 0, 0, 0
+        for epoch, raw in self._raw_with_epoch(epochs):
+            if epoch != epoch_now:  # judge only whole epochs read after the resume point
+                if decoded_this_epoch == 0 and epoch_start >= skip:
+                    raise DataError(f"none of the {self.failures.count} samples read in a whole pass over "
+                                    f"the data could be decoded; first: {self.failures.examples[:1]}")
+                epoch_now, decoded_this_epoch, epoch_start = epoch, 0, consumed
             consumed += 1
             if consumed <= skip:
                 continue
@@ -108,11 +117,8 @@ class ImageStream:
                 pixels.append(decode_sample(raw, self.preprocess, self.max_pixels))
             except DecodeError as e:
                 self.failures.add(Failure(raw.key, raw.unit, str(e)))
-                if not decoded_any and self.failures.count > 1000:
-                    raise DataError(f"the first {self.failures.count} samples all failed to decode "
-                                    f"(last: {e}); check --data") from None
                 continue
-            decoded_any = True
+            decoded_this_epoch += 1
             labels.append(raw.label)
             keys.append(raw.key)
             if len(pixels) == batch_size:

@@ -122,3 +122,10 @@ def test_patterns_that_match_nothing_are_named(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(DataError, match="matches no input"):
         list_units(str(tmp_path))
+
+
+def test_a_corpus_where_nothing_decodes_fails_instead_of_looping(tmp_path):
+    shard = write_tar(tmp_path / "junk.tar", [(f"{i}.png", b"junk") for i in range(5)])
+    stream = ImageStream(list_units(str(shard)), PRE, failures=FailureLog(verbose=False))
+    with pytest.raises(DataError, match="could be decoded"):
+        next(stream.batches(4))

@@ -141,3 +141,14 @@ def test_module_entry_point_and_help():
     assert r.returncode == 0 and "--codebook-size" in r.stdout
     r = run_cli("--help")
     assert r.returncode == 0 and "train-vqvae" in r.stdout and "convert" in r.stdout
+
+
+@pytest.mark.slow
+def test_demo_sized_run_learns_a_useful_tokenizer(tmp_path, fmnist):
+    """A guard against quality regressions: the README's demo settings on the bundled sample."""
+    res = train_vqvae(TrainConfig(data=[str(SAMPLE_DIR)], out=str(tmp_path / "run"), steps=1500, log_every=500))
+    m = res.metrics["train_eval"]
+    assert m["mse"] < 0.008 and m["usage"] > 0.9 and m["perplexity"] > 250, m
+    tok = Tokenizer.load(res.tokenizer_dir)
+    recon = tok.decode(tok.encode(fmnist[0][:256])).float() / 255
+    assert float(((recon - torch.from_numpy(fmnist[0][:256]).float() / 255) ** 2).mean()) < 0.01
