@@ -296,7 +296,7 @@ def _describe(model, mc: VQVAEConfig) -> str:
 MODEL_FLAGS = {  # flag -> VQVAEConfig field
     "codebook_size": int, "code_dim": int, "codebook_dim": int, "image_size": int, "channels": int,
     "downsample": int, "width": int, "res_blocks": int, "beta": float, "codebook": str,
-    "restart_window": int, "restart_threshold": float,
+    "restart_window": int,
 }
 TRAIN_FLAGS = {
     "steps": int, "batch_size": int, "lr": float, "weight_decay": float, "warmup_steps": int,

@@ -82,7 +82,6 @@ class VectorQuantizer(nn.Module):
         kmeans_init: bool = True,
         kmeans_iters: int = 10,
         restart_window: int = 100,
-        restart_threshold: float = 0.0,
     ):
         super().__init__()
         if codebook_size < 2:
@@ -91,14 +90,11 @@ class VectorQuantizer(nn.Module):
             raise ValueError(f"ema decay={decay}: must be in (0, 1), e.g. 0.99")
         if restart_window < 0:
             raise ValueError(f"restart_window={restart_window}: use 0 to disable dead-code restarts")
-        if not 0.0 <= restart_threshold < 1.0:
-            raise ValueError(f"restart_threshold={restart_threshold}: a fraction of an even share in [0, 1)")
         d = codebook_dim or dim
         self.codebook_size, self.dim, self.code_dim = codebook_size, dim, d
         self.l2_normalize, self.beta, self.ema = l2_normalize, beta, ema
         self.decay, self.eps = decay, eps
         self.kmeans_iters, self.restart_window = kmeans_iters, restart_window
-        self.restart_threshold = restart_threshold
         # Low-dimensional codes live behind a projection (in and out of the code space).
         self.proj_in = nn.Linear(dim, d) if d != dim else nn.Identity()
         self.proj_out = nn.Linear(d, dim) if d != dim else nn.Identity()
@@ -185,12 +181,9 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def restart_dead_codes(self, z_e: torch.Tensor) -> int:
-        """Codes unused over the whole window (or used less than restart_threshold x an even share
-        of it) are re-seeded from recent encoder outputs (drawn on rank 0, broadcast) and their EMA
-        statistics reset. Encoder outputs are drawn uniformly, so new codes land where the data is
-        dense and split the over-used codes. Returns how many were restarted."""
-        counts = self.usage_ring.sum(0)  # identical on every rank: counts were all-reduced
-        dead = (counts == 0) | (counts < self.restart_threshold * counts.sum() / self.codebook_size)
+        """Codes unused over the whole window are re-seeded from recent encoder outputs (drawn on
+        rank 0, broadcast) and their EMA statistics reset. Returns how many were restarted."""
+        dead = self.usage_ring.sum(0) == 0  # identical on every rank: counts were all-reduced
         n_dead = int(dead.sum())
         if n_dead == 0:
             return 0

@@ -33,7 +33,6 @@ class VQVAEConfig:
     ema_eps: float = 1e-5
     kmeans_init: bool = True
     restart_window: int = 100  # steps; codes unused that long are restarted (0: never)
-    restart_threshold: float = 0.0  # also restart codes used less than this fraction of an even share
 
     def __post_init__(self):
         if self.downsample not in (4, 8, 16):
@@ -133,7 +132,6 @@ class VQVAE(nn.Module):
             eps=cfg.ema_eps,
             kmeans_init=cfg.kmeans_init,
             restart_window=cfg.restart_window,
-            restart_threshold=cfg.restart_threshold,
         )
         self.decoder = Decoder(cfg)
 

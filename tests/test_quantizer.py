@@ -138,22 +138,3 @@ def test_bad_quantizer_options_are_rejected_up_front():
         VectorQuantizer(codebook_size=1, dim=4)
     with pytest.raises(ValueError, match="decay"):
         VectorQuantizer(codebook_size=4, dim=4, decay=1.5)
-
-
-def test_rarely_used_codes_are_restarted_with_a_threshold():
-    def run(threshold):
-        torch.manual_seed(0)
-        vq = VectorQuantizer(codebook_size=4, dim=2, kmeans_init=False, restart_window=2,
-                             restart_threshold=threshold)
-        vq.codebook.copy_(torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0], [9.0, 9.0]]))
-        vq.ema_sum.copy_(vq.codebook)
-        x = torch.cat([torch.randn(97, 2) * 0.1, torch.tensor([[5.0, 0.1], [0.1, 5.0], [8.9, 9.0]])])
-        vq.train()
-        for _ in range(2):
-            vq(x.t().reshape(1, 2, 1, 100))
-        return vq.codebook
-
-    # codes 1..3 get 1 of 100 vectors each: 4% of an even share (25)
-    assert torch.allclose(run(0.0)[1:], torch.tensor([[5.0, 0.1], [0.1, 5.0], [8.9, 9.0]]), atol=0.5)
-    moved = run(0.1)[1:]
-    assert torch.all(moved.norm(dim=1) < 1.0), "rarely used codes should move to the dense cluster"
