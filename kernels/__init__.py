@@ -3,8 +3,12 @@
 `nearest_code(x, codebook)` returns, for every row of x (N, D), the index of the closest codebook
 row (K, D) in squared L2 distance, ties going to the lowest index on every backend.
 
-Backends: "torch" (chunked GEMM + argmin, CPU or GPU). The fused Triton kernel is planned as
-backend "triton" (see the nearest-code kernel issue); until it lands "auto" means "torch".
+backend="auto":   the fused Triton kernel for CUDA tensors, the chunked torch path on CPU.
+backend="triton": the Triton kernel; on CPU tensors it runs under Triton's interpreter
+                  (TRITON_INTERPRET=1): slow, but the same code, which is how CI tests it.
+backend="torch":  chunked GEMM + argmin with torch ops (CPU or GPU).
+precision="exact" (fp32-accurate) or "fast" (fp16 products + exact re-search of close rows;
+                  Triton only; the torch path is always exact).
 """
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ from .reference import nearest_code_reference
 
 __all__ = ["nearest_code", "nearest_code_reference", "nearest_code_torch"]
 
-_BACKENDS = ("auto", "torch")
+_BACKENDS = ("auto", "triton", "torch")
 _PRECISIONS = ("exact", "fast")
 
 
@@ -26,11 +30,12 @@ def nearest_code(
     precision: str = "exact",
     backend: str = "auto",
     return_distance: bool = False,
+    stats: dict | None = None,
 ):
     """Indices (int64, (N,)) of the nearest codebook rows; with return_distance also the squared
-    distances (float32, (N,), clamped at 0)."""
+    distances (float32, (N,), >= 0). `stats` (a dict) receives the fast mode's re-searched rows."""
     if backend not in _BACKENDS:
-        raise ValueError(f"nearest_code: backend={backend!r} is not available; use one of {_BACKENDS}")
+        raise ValueError(f"nearest_code: backend={backend!r}; use one of {_BACKENDS}")
     if precision not in _PRECISIONS:
         raise ValueError(f"nearest_code: precision={precision!r}; use one of {_PRECISIONS}")
     if x.dim() != 2 or codebook.dim() != 2 or x.shape[1] != codebook.shape[1]:
@@ -40,5 +45,15 @@ def nearest_code(
         )
     if codebook.shape[0] < 1:
         raise ValueError("nearest_code: the codebook is empty (K = 0)")
-    idx, dist = nearest_code_torch(x, codebook, return_distance=return_distance)
+    if x.device != codebook.device:
+        raise ValueError(f"nearest_code: x is on {x.device} but the codebook on {codebook.device}")
+    if backend == "auto":
+        backend = "triton" if x.is_cuda else "torch"
+    if backend == "triton":
+        from .triton_kernel import nearest_code_triton  # imports triton only when asked
+
+        idx, dist = nearest_code_triton(x.detach(), codebook.detach(), precision=precision,
+                                        return_distance=return_distance, stats=stats)
+    else:
+        idx, dist = nearest_code_torch(x, codebook, return_distance=return_distance)
     return (idx, dist) if return_distance else idx

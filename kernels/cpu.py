@@ -22,19 +22,17 @@ def nearest_code_torch(
     et = e.t().contiguous()  # (D, K)
     chunk = max(1, min(n, _TARGET_BLOCK_ELEMS // max(k, 1)))
     idx = torch.empty(n, dtype=torch.int64, device=x.device)
-    best = torch.empty(n, dtype=torch.float32, device=x.device) if return_distance else None
     scores = torch.empty(chunk, k, dtype=torch.float32, device=x.device)
     for start in range(0, n, chunk):
         stop = min(n, start + chunk)
         s = scores[: stop - start]
         torch.addmm(e_sq, x[start:stop], et, beta=1.0, alpha=-2.0, out=s)  # (rows, K)
-        if return_distance:
-            vals, ids = s.min(dim=1)  # first minimal index on ties
-            idx[start:stop] = ids
-            best[start:stop] = vals
-        else:
-            idx[start:stop] = s.argmin(dim=1)
-    if return_distance:
-        x_sq = (x * x).sum(dim=1)
-        best = (best + x_sq).clamp_min_(0.0)
-    return idx, best
+        idx[start:stop] = s.argmin(dim=1)  # the first minimal index on ties
+    return idx, distance_to(x, e, idx) if return_distance else None
+
+
+def distance_to(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """||x - e_idx||^2 measured directly (O(N*D)): exactly 0 when x equals its code, never < 0,
+    free of the cancellation in ||x||^2 + ||e||^2 - 2 x.e."""
+    diff = x.float() - codebook.float()[idx]
+    return (diff * diff).sum(dim=1)

@@ -6,6 +6,8 @@ s = ||e||^2 - 2 x.e (||e||^2 precomputed from exactly the values fed to the dot)
 tile's (min, argmin) into a running pair with a strict `<`, tiles visited in ascending index order:
 ties go to the lowest index, no atomics, bitwise repeatable.
 
+Returned distances are ||x - e_idx||^2 measured for the chosen code (O(N*D) after the search).
+
 precision="exact": fp32-accurate products ("tf32x3" on tensor cores, or ieee).
 precision="fast":  fp16 products with fp32 accumulation, plus a fix-up. The kernel also tracks the
                    second-best score per row; rows whose best/second gap is within the rounding
@@ -27,6 +29,8 @@ if not torch.cuda.is_available():  # CPU tensors can only run on Triton's interp
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import triton  # noqa: E402
+
+from .cpu import distance_to  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 FP16_UNIT = 2.0**-11  # unit roundoff of float16 (11 significant bits)
@@ -174,13 +178,7 @@ def nearest_code_triton(x: torch.Tensor, codebook: torch.Tensor, *, precision: s
             idx[rows] = r_idx.long()
         if stats is not None:
             stats.update(flagged=int(rows.numel()), rows=x.shape[0])
-        if return_distance:  # the fp16 score is not a distance: measure the chosen code exactly
-            diff = x.float() - codebook.float()[idx]
-            return idx, (diff * diff).sum(dim=1)
-        return idx, None
-    if stats is not None:
+    elif stats is not None:
         stats.update(flagged=x.shape[0] if precision == "fast" else 0, rows=x.shape[0])
-    if return_distance:
-        x_sq = (x.float() ** 2).sum(dim=1)
-        return idx, (best + x_sq).clamp_min_(0.0)
-    return idx, None
+    # Distances are measured for the chosen codes directly: exactly 0 for x equal to its code.
+    return idx, distance_to(x, codebook, idx) if return_distance else None
