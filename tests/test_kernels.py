@@ -115,3 +115,17 @@ def test_gpu_full_size(precision, n, k, d):
     assert torch.all(chosen - ref_dist <= rounding_bound(x[sub].cpu(), e.cpu()))
     again = nearest_code(x, e, precision=precision)
     assert torch.equal(idx, again)
+
+
+@pytest.mark.parametrize("k", [64, 65, 100, 1024, 1025, 3000])
+def test_cpu_blocked_argmin_keeps_lowest_index_ties(k):
+    """The CPU path's blocked argmin across block boundaries and padded tails."""
+    g = torch.Generator().manual_seed(k)
+    e = torch.randn(k, 8, generator=g)
+    dup = [0, k // 2, k - 1]  # the same code at the first, a middle and the last position
+    e[dup[1]] = e[dup[0]]
+    e[dup[2]] = e[dup[0]]
+    x = torch.cat([e[dup], torch.randn(500, 8, generator=g)])
+    idx = nearest_code(x, e, backend="torch")
+    assert idx[:3].tolist() == [0, 0, 0]
+    assert torch.equal(idx, nearest_code_reference(x, e)[0])
