@@ -8,7 +8,8 @@ ties go to the lowest index, no atomics, bitwise repeatable.
 
 Returned distances are ||x - e_idx||^2 measured for the chosen code (O(N*D) after the search).
 
-precision="exact": fp32-accurate products ("tf32x3" on tensor cores, or ieee).
+precision="exact": fp32-accurate products (input_precision="tf32x3": three tf32 products per term
+                   on tensor cores; the interpreter computes them in fp32).
 precision="fast":  fp16 products with fp32 accumulation, plus a fix-up. The kernel also tracks the
                    second-best score per row; rows whose best/second gap is within the rounding
                    bound of the fp16 dot are re-searched over all K in exact mode.
@@ -73,15 +74,14 @@ def _configs():
     return out
 
 
-@triton.autotune(configs=_configs(), key=["K", "D", "LOW_PRECISION", "EXACT_DOT"],
+@triton.autotune(configs=_configs(), key=["K", "D", "LOW_PRECISION"],
                  prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _nearest_code_kernel(
     x_ptr, e_ptr, esq_ptr, idx_ptr, best_ptr, second_ptr,
     N, K, D,
     stride_xn, stride_xd, stride_ek, stride_ed,
-    LOW_PRECISION: tl.constexpr,  # cast tiles to fp16 before the dot
-    EXACT_DOT: tl.constexpr,  # "tf32x3"/"ieee" products; else the fast default
+    LOW_PRECISION: tl.constexpr,  # fp16 tiles into the dot (fast mode); else tf32x3 (exact)
     TRACK_SECOND: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
@@ -106,10 +106,8 @@ def _nearest_code_kernel(
                         mask=col_mask[:, None] & d_mask[None, :], other=0.0)
             if LOW_PRECISION:
                 acc = tl.dot(x.to(tl.float16), tl.trans(e.to(tl.float16)), acc)
-            elif EXACT_DOT:
+            else:  # three tf32 products per term: fp32-accurate on tensor cores
                 acc = tl.dot(x.to(tl.float32), tl.trans(e.to(tl.float32)), acc, input_precision="tf32x3")
-            else:
-                acc = tl.dot(x, tl.trans(e), acc)
         esq = tl.load(esq_ptr + cols, mask=col_mask, other=float("inf"))  # padding never wins
         score = esq[None, :] - 2.0 * acc  # (BLOCK_N, BLOCK_K)
         tile_best = tl.min(score, axis=1)
@@ -127,7 +125,7 @@ def _nearest_code_kernel(
         tl.store(second_ptr + rows, second, mask=row_mask)
 
 
-def _launch(x, e, esq, *, low: bool, exact_dot: bool, track_second: bool):
+def _launch(x, e, esq, *, low: bool, track_second: bool):
     n, d = x.shape
     k = e.shape[0]
     idx = torch.empty(n, dtype=torch.int32, device=x.device)
@@ -139,7 +137,7 @@ def _launch(x, e, esq, *, low: bool, exact_dot: bool, track_second: bool):
     _nearest_code_kernel[grid](
         x, e, esq, idx, best, second, n, k, d,
         x.stride(0), x.stride(1), e.stride(0), e.stride(1),
-        LOW_PRECISION=low, EXACT_DOT=exact_dot, TRACK_SECOND=track_second,
+        LOW_PRECISION=low, TRACK_SECOND=track_second,
     )
     return idx, best, second
 
@@ -165,8 +163,7 @@ def nearest_code_triton(x: torch.Tensor, codebook: torch.Tensor, *, precision: s
         fast = max(float(x.abs().max()), float(codebook.abs().max())) < FP16_SAFE
     e_fed = codebook.half().float() if fast else codebook.float()
     esq = (e_fed * e_fed).sum(dim=1).contiguous()  # from exactly the values the dot sees
-    on_gpu = x.is_cuda and not _interpreting()
-    idx, best, second = _launch(x, codebook, esq, low=fast, exact_dot=on_gpu and not fast, track_second=fast)
+    idx, best, second = _launch(x, codebook, esq, low=fast, track_second=fast)
     idx = idx.long()
     if fast:
         flagged = (second - best) <= fast_dot_bound(x, codebook)
@@ -174,7 +171,7 @@ def nearest_code_triton(x: torch.Tensor, codebook: torch.Tensor, *, precision: s
         if rows.numel():
             esq32 = (codebook.float() ** 2).sum(dim=1).contiguous()
             sub = x[rows]
-            r_idx, r_best, _ = _launch(sub, codebook, esq32, low=False, exact_dot=on_gpu, track_second=False)
+            r_idx, _, _ = _launch(sub, codebook, esq32, low=False, track_second=False)
             idx[rows] = r_idx.long()
         if stats is not None:
             stats.update(flagged=int(rows.numel()), rows=x.shape[0])
