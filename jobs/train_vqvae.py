@@ -313,7 +313,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for name, typ in {**TRAIN_FLAGS, **MODEL_FLAGS}.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None)
     p.add_argument("--no-kmeans-init", action="store_true", default=None, help="random codebook initialisation")
-    p.add_argument("--l2-normalize", action="store_true", default=None, help="l2-normalised codes")
+    p.add_argument("--l2-normalize", dest="l2_normalize", action="store_true", default=None,
+                   help="l2-normalised codes (the default)")
+    p.add_argument("--no-l2-normalize", dest="l2_normalize", action="store_false",
+                   help="plain (not normalised) codes")
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -325,8 +328,10 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             model[name] = getattr(args, name)
     if args.no_kmeans_init:
         model["kmeans_init"] = False
-    if args.l2_normalize:
-        model["l2_normalize"] = True
+    if args.l2_normalize is not None:
+        model["l2_normalize"] = args.l2_normalize
+    if model.get("codebook_dim") == 0:
+        model["codebook_dim"] = None
     for name in TRAIN_FLAGS:
         if getattr(args, name, None) is not None:
             base[name] = getattr(args, name)

@@ -14,14 +14,15 @@ from __future__ import annotations
 
 import torch
 
-_TARGET_BLOCK_ELEMS = 1 << 18  # score-block size per chunk: 1 MiB of fp32, cache-resident
+_TARGET_BLOCK_ELEMS = 1 << 20  # score-block size per chunk (4 MiB of fp32): tuned on 2 cores, see
+# benchmarks/RESULTS.md; smaller blocks starve the GEMM, larger ones leave the cache
 
 
 def _argmin_block(k: int) -> int:
     """Block width B for the blocked argmin (0: plain argmin for small K)."""
     if k < 64:
         return 0
-    return 32 if k <= 1024 else 64
+    return 32 if k <= 512 else (64 if k <= 4096 else 128)
 
 
 def nearest_code_torch(

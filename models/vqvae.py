@@ -21,12 +21,12 @@ class VQVAEConfig:
     image_size: int = 28
     channels: int = 1  # 1 grayscale, 3 RGB
     downsample: int = 4  # token grid = image_size / downsample per side; 4, 8 or 16
-    width: int = 64  # channels at the token grid
+    width: int = 80  # channels at the token grid
     res_blocks: int = 2  # residual blocks at the token grid, in the encoder and in the decoder
     codebook_size: int = 512  # K
     code_dim: int = 64  # encoder output dimension
-    codebook_dim: int | None = None  # low-dimensional codes behind a projection (None: code_dim)
-    l2_normalize: bool = False  # l2-normalised codes (cosine similarity); usually with codebook_dim
+    codebook_dim: int | None = 16  # low-dimensional codes behind a projection (None: code_dim)
+    l2_normalize: bool = True  # l2-normalised codes: with codebook_dim, lifts codebook perplexity
     beta: float = 0.25  # commitment weight
     codebook: str = "ema"  # "ema" or "gradient"
     ema_decay: float = 0.99

@@ -52,7 +52,7 @@ def test_encode_decode_shapes_and_dtypes(tokenizer, fmnist):
     assert t.shape == (5, 7, 7) and t.dtype == torch.int64
     assert int(t.min()) >= 0 and int(t.max()) < 32
     assert torch.equal(tokenizer.encode(imgs[..., None]), t)  # (B, H, W, C)
-    assert torch.equal(tokenizer.encode(torch.from_numpy(imgs)), t)  # tensors
+    assert torch.equal(tokenizer.encode(torch.from_numpy(imgs.copy())), t)  # tensors
     assert torch.equal(tokenizer.encode([Image.fromarray(a) for a in imgs]), t)  # PIL
     out = tokenizer.decode(t)
     assert out.shape == (5, 28, 28) and out.dtype == torch.uint8

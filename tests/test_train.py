@@ -77,7 +77,7 @@ def _train_cmd(out, steps, every):
 def test_killed_run_resumes_from_its_checkpoint(tmp_path):
     """SIGKILL mid-run, re-run the same command: it resumes and ends where a clean run ends."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    steps, every = 80, 20
+    steps, every = 40, 10
     killed = tmp_path / "killed"
     p = subprocess.Popen(_train_cmd(killed, steps, every), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                          text=True, env=env)
