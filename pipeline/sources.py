@@ -229,7 +229,7 @@ def read_idx(url: str) -> np.ndarray:
         raise DataError(f"{url} is not an unsigned-byte IDX file (magic {raw[:4].hex()})")
     ndim = raw[3]
     dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    body = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    body = np.frombuffer(bytearray(raw), dtype=np.uint8, offset=4 + 4 * ndim)  # writable
     if body.size != int(np.prod(dims)):
         raise DataError(f"{url}: IDX header says {dims} ({int(np.prod(dims))} bytes) but holds {body.size} bytes")
     return body.reshape(dims)
