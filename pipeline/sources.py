@@ -111,7 +111,7 @@ def list_units(data: str | Sequence[str], *, folder_unit_size: int = FOLDER_UNIT
                 found += 1
         if not found:
             raise DataError(
-                f"--data pattern {pattern!r} matches no input: check the path (brace ranges look like "
+                f"input pattern {pattern!r} matches no input: check the path (brace ranges look like "
                 f"train-{{000000..000099}}.tar; globs like shards/*.tar), or that the directory holds "
                 f".tar shards, IDX files or images ({', '.join(IMAGE_EXTS)})"
             )
