@@ -50,7 +50,9 @@ def _prune(configs, named_args, **kwargs):
         smem = getattr(props, "shared_memory_per_block_optin", 0) or 101_376
     except Exception:
         smem = 101_376
-    elem = 2 if kwargs.get("LOW_PRECISION", named_args.get("LOW_PRECISION", False)) else 4
+    # Tiles are staged in shared memory as loaded (the fp16 cast happens after the load).
+    elem = max(t.element_size() for t in (named_args.get("x_ptr"), named_args.get("e_ptr"))
+               if hasattr(t, "element_size")) if "x_ptr" in named_args else 4
     d = named_args.get("D", 256)
     keep = []
     for c in configs:
