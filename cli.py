@@ -21,7 +21,10 @@ def _convert(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="vqtok", description="Image tokenization at corpus scale.")
+    p.add_argument("--version", action="version", version=f"vqtok {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train-vqvae", help="train a VQ-VAE tokenizer")

@@ -293,15 +293,34 @@ def _describe(model, mc: VQVAEConfig) -> str:
 # ----------------------------------------------------------------------------------------------
 # Command line (shared by `vqtok train-vqvae` and `python -m vqtok.jobs.train_vqvae`)
 # ----------------------------------------------------------------------------------------------
-MODEL_FLAGS = {  # flag -> VQVAEConfig field
-    "codebook_size": int, "code_dim": int, "codebook_dim": int, "image_size": int, "channels": int,
-    "downsample": int, "width": int, "res_blocks": int, "beta": float, "codebook": str,
-    "restart_window": int,
+MODEL_FLAGS = {  # flag -> (VQVAEConfig field type, help)
+    "codebook_size": (int, "K, the number of codes (default 512)"),
+    "code_dim": (int, "encoder output dimension (default 64)"),
+    "codebook_dim": (int, "dimension of the codes behind a projection (default 16; 0: code-dim)"),
+    "image_size": (int, "images are resized and center-cropped to this square (default 28)"),
+    "channels": (int, "1 grayscale or 3 RGB (default 1)"),
+    "downsample": (int, "4, 8 or 16: token grid = image-size / downsample (default 4)"),
+    "width": (int, "channels at the token grid (default 80)"),
+    "res_blocks": (int, "residual blocks at the token grid (default 2)"),
+    "beta": (float, "commitment loss weight (default 0.25)"),
+    "codebook": (str, "ema (default) or gradient"),
+    "restart_window": (int, "restart codes unused for this many steps (default 100; 0: never)"),
 }
 TRAIN_FLAGS = {
-    "steps": int, "batch_size": int, "lr": float, "weight_decay": float, "warmup_steps": int,
-    "grad_clip": float, "seed": int, "log_every": int, "checkpoint_every": int, "keep_checkpoints": int,
-    "max_failure_fraction": float, "max_image_pixels": int, "device": str, "threads": int,
+    "steps": (int, "optimizer steps (default 5000)"),
+    "batch_size": (int, "images per step (default 128)"),
+    "lr": (float, "peak AdamW learning rate (default 2e-3)"),
+    "weight_decay": (float, "AdamW weight decay (default 0)"),
+    "warmup_steps": (int, "linear warmup steps before cosine decay (default 200)"),
+    "grad_clip": (float, "gradient-norm clip (default 1.0; 0: off)"),
+    "seed": (int, "seed for init, data order and codebook draws (default 0)"),
+    "log_every": (int, "steps between progress lines (default 100)"),
+    "checkpoint_every": (int, "steps between checkpoints (default 500)"),
+    "keep_checkpoints": (int, "checkpoints kept in RUN_DIR/checkpoints (default 3)"),
+    "max_failure_fraction": (float, "fail when more of the inputs than this are bad (default 0.1)"),
+    "max_image_pixels": (int, "refuse larger images as decompression bombs (default 64 Mpx)"),
+    "device": (str, "auto (default: CUDA when present), cpu, cuda, cuda:N"),
+    "threads": (int, "torch CPU threads (default: torch's choice)"),
 }
 
 
@@ -310,8 +329,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-data", action="append", help="held-out images for the final metrics")
     p.add_argument("--out", help="run directory: checkpoints, tokenizer/, metrics.json, pictures")
     p.add_argument("--config", help="a JSON or YAML file of options (flags given here override it)")
-    for name, typ in {**TRAIN_FLAGS, **MODEL_FLAGS}.items():
-        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None)
+    for name, (typ, help_) in {**TRAIN_FLAGS, **MODEL_FLAGS}.items():
+        p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_)
     p.add_argument("--no-kmeans-init", action="store_true", default=None, help="random codebook initialisation")
     p.add_argument("--l2-normalize", dest="l2_normalize", action="store_true", default=None,
                    help="l2-normalised codes (the default)")
