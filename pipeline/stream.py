@@ -5,7 +5,8 @@ seeded shuffle buffer, decodes, and batches. Everything is a function of (units,
 world_size), so a resumed run skips exactly the samples it had consumed, without decoding them.
 
 Sharding over ranks: whole units when there are at least as many units as ranks, otherwise every
-rank reads every unit and keeps samples i with i % world_size == rank.
+rank reads and shuffles the same stream and keeps samples i with i % world_size == rank (so the
+ranks' batch j together equal a single process's batch j, with per-rank batch size B / world_size).
 """
 from __future__ import annotations
 
@@ -63,11 +64,17 @@ class ImageStream:
             units = list(units)
             random.Random(self.seed * 1_000_003 + epoch).shuffle(units)
         samples = (s for u in units for s in iter_unit(u, self.failures.add))
-        if not by_unit:
-            samples = (s for i, s in enumerate(samples) if i % self.world_size == self.rank)
-        if not self.shuffle:
+        if self.shuffle:
+            samples = self._shuffled(samples, epoch)
+        if by_unit:
             yield from samples
-            return
+        else:
+            # Every rank reads and shuffles the same stream and keeps every world_size-th sample,
+            # so rank batches j together hold exactly the samples of a single process's batch j.
+            yield from (s for i, s in enumerate(samples) if i % self.world_size == self.rank)
+
+    def _shuffled(self, samples: Iterator[RawSample], epoch: int) -> Iterator[RawSample]:
+        """A seeded shuffle buffer (the same on every rank)."""
         rng = random.Random(self.seed * 7_919 + epoch + 1)
         buf: list[RawSample] = []
         for s in samples:

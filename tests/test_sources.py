@@ -129,3 +129,22 @@ def test_a_corpus_where_nothing_decodes_fails_instead_of_looping(tmp_path):
     stream = ImageStream(list_units(str(shard)), PRE, failures=FailureLog(verbose=False))
     with pytest.raises(DataError, match="could be decoded"):
         next(stream.batches(4))
+
+
+def test_ranks_split_the_single_process_stream_exactly(tmp_path):
+    """With fewer units than ranks, rank batches j together are exactly the 1-process batch j;
+    with enough units, ranks read disjoint units that together cover every sample once."""
+    one = ImageStream(list_units(str(SAMPLE_DIR)), PRE, seed=3, failures=FailureLog(verbose=False))
+    ranks = [ImageStream(list_units(str(SAMPLE_DIR)), PRE, seed=3, rank=r, world_size=2,
+                         failures=FailureLog(verbose=False)) for r in range(2)]
+    for j, (b, b0, b1) in enumerate(zip(one.batches(64), ranks[0].batches(32), ranks[1].batches(32))):
+        assert sorted(b.keys) == sorted(b0.keys + b1.keys)
+        if j == 20:  # past the first shuffle-buffer refills
+            break
+    convert(str(SAMPLE_IMAGES), str(tmp_path / "shards"), shard_size=2500, verbose=False)
+    units = list_units(str(tmp_path / "shards"))
+    seen = []
+    for r in range(2):
+        s = ImageStream(units, PRE, seed=1, rank=r, world_size=2, failures=FailureLog(verbose=False))
+        seen.append([k for b in s.batches(500, epochs=1, drop_last=False) for k in b.keys])
+    assert not set(seen[0]) & set(seen[1]) and len(seen[0]) + len(seen[1]) == 10_000
