@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from webdataset import TarWriter
 
-from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_image
+from .decode import DEFAULT_MAX_PIXELS, DecodeError, open_image
 from .errors import DataError
 from .sources import FailureLog, Failure, iter_unit, list_units
 
@@ -62,11 +62,11 @@ def convert(src: str | Sequence[str], out: str, *, shard_size: int = 10_000, pre
                 data, ext = _png(raw.data), "png"
             else:
                 try:  # check it decodes; keep the original bytes
-                    decode_image(raw.data, _CHECK, max_pixels)
+                    ext = _ext_of(open_image(raw.data, max_pixels))
                 except DecodeError as e:
                     failures.add(Failure(raw.key, raw.unit, str(e)))
                     continue
-                data, ext = raw.data, _format(raw.data)
+                data = raw.data
             key = _safe_key(raw.key)
             if key in seen:
                 failures.add(Failure(raw.key, raw.unit, "duplicate key: a sample with this key was already written"))
@@ -98,16 +98,6 @@ def convert(src: str | Sequence[str], out: str, *, shard_size: int = 10_000, pre
     return result
 
 
-class _AnyPreprocess:
-    """Decode check only: accept any size and mode that PIL can read."""
-
-    def pil_to_array(self, img):
-        return None
-
-
-_CHECK = _AnyPreprocess()
-
-
 def _png(pixels: np.ndarray) -> bytes:
     arr = pixels[:, :, 0] if pixels.ndim == 3 and pixels.shape[2] == 1 else pixels
     buf = io.BytesIO()
@@ -115,9 +105,8 @@ def _png(pixels: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _format(data: bytes) -> str:
-    with Image.open(io.BytesIO(data)) as img:
-        fmt = (img.format or "png").lower()
+def _ext_of(img: Image.Image) -> str:
+    fmt = (img.format or "png").lower()
     return {"jpeg": "jpg", "tiff": "tif"}.get(fmt, fmt)
 
 

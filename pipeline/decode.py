@@ -22,24 +22,25 @@ class DecodeError(ValueError):
     pass
 
 
-def decode_image(data: bytes, preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Encoded image bytes -> (S, S, C) uint8 following the preprocessing policy."""
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Encoded image bytes -> a fully decoded PIL image, after the safety checks (empty input,
+    non-image, decompression bomb from the header, truncation). Raises DecodeError."""
     if len(data) == 0:
         raise DecodeError("zero-byte image")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as img:  # reads the header only
-                w, h = img.size
-                if w * h > max_pixels:
-                    raise DecodeError(
-                        f"decompression bomb refused: {w}x{h} = {w * h} pixels > max {max_pixels} "
-                        f"(raise --max-image-pixels if such images are genuine)"
-                    )
-                if w == 0 or h == 0:
-                    raise DecodeError(f"empty image ({w}x{h})")
-                img.load()
-                return preprocess.pil_to_array(img)
+            img = Image.open(io.BytesIO(data))  # reads the header only
+            w, h = img.size
+            if w * h > max_pixels:
+                raise DecodeError(
+                    f"decompression bomb refused: {w}x{h} = {w * h} pixels > max {max_pixels} "
+                    f"(raise --max-image-pixels if such images are genuine)"
+                )
+            if w == 0 or h == 0:
+                raise DecodeError(f"empty image ({w}x{h})")
+            img.load()
+            return img
     except DecodeError:
         raise
     except UnidentifiedImageError:
@@ -48,6 +49,15 @@ def decode_image(data: bytes, preprocess: Preprocess, max_pixels: int = DEFAULT_
         raise DecodeError(f"decompression bomb refused: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DecodeError(f"corrupt or truncated image ({type(e).__name__}: {e})") from None
+
+
+def decode_image(data: bytes, preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes -> (S, S, C) uint8 following the preprocessing policy."""
+    img = open_image(data, max_pixels)
+    try:
+        return preprocess.pil_to_array(img)
+    except ValueError as e:  # a mode the policy cannot convert
+        raise DecodeError(str(e)) from None
 
 
 def decode_sample(raw: RawSample, preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
