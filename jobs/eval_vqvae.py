@@ -14,10 +14,9 @@ from ..config import save_json
 from ..models import Tokenizer
 from ..pipeline.decode import DEFAULT_MAX_PIXELS
 from ..pipeline.errors import ConfigError, DataError
-from ..pipeline.evaluate import evaluate
+from ..pipeline.evaluate import evaluate, save_eval_pictures
 from ..pipeline.sources import FailureLog, list_units
 from ..pipeline.stream import ImageStream
-from ..pipeline.viz import save_reconstruction_grid, save_usage_histogram
 
 
 def eval_vqvae(tokenizer: str, data, *, out: str | None = None, batch_size: int = 256,
@@ -36,8 +35,7 @@ def eval_vqvae(tokenizer: str, data, *, out: str | None = None, batch_size: int 
     m = result.metrics | {"tokenizer_id": tok.id, "data": list(data) if not isinstance(data, str) else [data],
                           "seconds": time.time() - t0}
     save_json(m, out_dir / "eval_metrics.json")
-    recon = save_reconstruction_grid(result.originals, result.reconstructions, out_dir / "reconstructions.png")
-    usage = save_usage_histogram(result.counts, out_dir / "codebook_usage.png", title="held-out codebook usage")
+    recon, usage = save_eval_pictures(result, out_dir, "held-out codebook usage")
     print(f"vqtok eval: {m['images']} images ({m['skipped']} skipped) | mse {m['mse']:.5f} | psnr {m['psnr']:.2f} dB "
           f"| usage {100 * m['usage']:.1f}% | perplexity {m['perplexity']:.1f}", flush=True)
     print(f"vqtok eval: wrote {out_dir / 'eval_metrics.json'}, {recon}, {usage}", flush=True)

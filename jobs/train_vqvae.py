@@ -30,11 +30,10 @@ from ..models import VQVAE, Preprocess, Tokenizer, VQVAEConfig
 from ..pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..pipeline.decode import DEFAULT_MAX_PIXELS
 from ..pipeline.errors import ConfigError, DataError
-from ..pipeline.evaluate import evaluate
+from ..pipeline.evaluate import evaluate, save_eval_pictures
 from ..pipeline.progress import Progress, fmt_duration
-from ..pipeline.sources import FailureLog, list_units, split_patterns
+from ..pipeline.sources import FailureLog, Unit, list_units, split_patterns
 from ..pipeline.stream import ImageStream, prefetch
-from ..pipeline.viz import save_reconstruction_grid, save_usage_histogram
 
 
 @dataclass(kw_only=True)
@@ -154,14 +153,16 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 def train_vqvae(cfg: TrainConfig) -> TrainResult:
     """Validate everything, then train in this process (rank 0 of 1)."""
     run_dir = check_output_dir(cfg.out)
-    list_units(cfg.data)  # a pattern that matches nothing fails here, before any model is built
-    if cfg.val_data:
-        list_units(cfg.val_data)
+    # Units are listed once, here on the driver: a pattern that matches nothing fails before any
+    # model is built, and workers get the same sorted list.
+    units = list_units(cfg.data)
+    val_units = list_units(cfg.val_data) if cfg.val_data else None
     device = resolve_device(cfg.device)
-    return train_worker(cfg, WorkerContext(device=device), run_dir)
+    return train_worker(cfg, WorkerContext(device=device), run_dir, units, val_units)
 
 
-def train_worker(cfg: TrainConfig, ctx: WorkerContext, run_dir: Path) -> TrainResult:
+def train_worker(cfg: TrainConfig, ctx: WorkerContext, run_dir: Path, units: list[Unit],
+                 val_units: list[Unit] | None) -> TrainResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -185,7 +186,7 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, run_dir: Path) -> TrainRe
         save_json(cfg.to_dict(), run_dir / "config.json")
 
     failures = FailureLog(verbose=ctx.is_main)
-    stream = ImageStream(list_units(cfg.data), preprocess, seed=cfg.seed, rank=ctx.rank,
+    stream = ImageStream(units, preprocess, seed=cfg.seed, rank=ctx.rank,
                          world_size=ctx.world_size, shuffle_buffer=cfg.shuffle_buffer,
                          max_pixels=cfg.max_image_pixels, failures=failures)
     batches = prefetch(stream.batches(cfg.batch_size, skip=consumed))
@@ -227,30 +228,27 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, run_dir: Path) -> TrainRe
     train_metrics = dict(progress.last)
     if not ctx.is_main:
         return None  # type: ignore[return-value]
-    return _finish(cfg, model, run_dir, train_metrics, train_seconds, failures, resumed_from, ctx)
+    return _finish(cfg, model, run_dir, val_units or units, train_metrics, train_seconds, failures,
+                   resumed_from, ctx)
 
 
-def _finish(cfg, model, run_dir: Path, train_metrics, train_seconds, failures, resumed_from, ctx) -> TrainResult:
+def _finish(cfg, model, run_dir: Path, eval_units, train_metrics, train_seconds, failures, resumed_from,
+            ctx) -> TrainResult:
     """Export the bundle, evaluate, draw the pictures, write metrics.json."""
     tokenizer = Tokenizer(model.cpu())
     tok_dir = run_dir / "tokenizer"
     tok_id = tokenizer.save(tok_dir)
     model.to(ctx.device)
-    held_out = None
-    eval_data = cfg.val_data or cfg.data
-    stream = ImageStream(list_units(eval_data), tokenizer.preprocess, shuffle=False,
+    stream = ImageStream(eval_units, tokenizer.preprocess, shuffle=False,
                          max_pixels=cfg.max_image_pixels, failures=FailureLog(verbose=False))
     result = evaluate(model, stream, device=ctx.device, max_images=None if cfg.val_data else 10_000)
-    if cfg.val_data:
-        held_out = result.metrics
-    recon_png = save_reconstruction_grid(result.originals, result.reconstructions, run_dir / "reconstructions.png")
-    usage_png = save_usage_histogram(result.counts, run_dir / "codebook_usage.png",
-                                     title="held-out codebook usage" if cfg.val_data else "codebook usage (train data)")
+    recon_png, usage_png = save_eval_pictures(
+        result, run_dir, "held-out codebook usage" if cfg.val_data else "codebook usage (train data)")
     metrics = {
         "steps": cfg.steps,
         "train": train_metrics,
         "train_eval": None if cfg.val_data else result.metrics,
-        "held_out": held_out,
+        "held_out": result.metrics if cfg.val_data else None,
         "train_seconds_this_run": train_seconds,
         "skipped_inputs": failures.count,
         "tokenizer_id": tok_id,

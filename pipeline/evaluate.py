@@ -3,6 +3,7 @@ and perplexity over the whole evaluation set (not one batch)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -11,6 +12,7 @@ from ..models.preprocess import Preprocess
 from ..models.quantizer import perplexity, psnr
 from ..models.vqvae import VQVAE
 from .stream import ImageStream
+from .viz import save_reconstruction_grid, save_usage_histogram
 
 
 @dataclass
@@ -63,3 +65,10 @@ def evaluate(model: VQVAE, stream: ImageStream, *, batch_size: int = 256, device
         "skipped": stream.failures.count,
     }
     return EvalResult(metrics, counts.numpy(), np.concatenate(originals)[:keep], np.concatenate(recons)[:keep])
+
+
+def save_eval_pictures(result: EvalResult, out_dir, usage_title: str) -> tuple[str, str]:
+    """reconstructions.png and codebook_usage.png in out_dir; returns their paths."""
+    recon = save_reconstruction_grid(result.originals, result.reconstructions, Path(out_dir) / "reconstructions.png")
+    usage = save_usage_histogram(result.counts, Path(out_dir) / "codebook_usage.png", title=usage_title)
+    return recon, usage
