@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+import fsspec
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save_file
 
 from .preprocess import Preprocess
 from .vqvae import VQVAE, VQVAEConfig
@@ -77,30 +79,31 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Tokenizer":
-        path = Path(path)
-        cfg_path, w_path = path / CONFIG_FILE, path / WEIGHTS_FILE
-        if not cfg_path.is_file() or not w_path.is_file():
-            raise FileNotFoundError(
-                f"{path} is not a tokenizer bundle: expected {CONFIG_FILE} and {WEIGHTS_FILE} in it "
-                f"(train one with `vqtok train-vqvae`, which writes RUN_DIR/tokenizer/)"
-            )
-        config = json.loads(cfg_path.read_text())
+        """Load a bundle from a local directory or any fsspec URL (s3://bucket/tok)."""
+        return cls.from_bytes(*read_bundle(path), device=device, where=str(path))
+
+    @classmethod
+    def from_bytes(cls, config_bytes: bytes, weights_bytes: bytes, device: str | torch.device = "cpu",
+                   where: str = "<bytes>") -> "Tokenizer":
+        """Rebuild a tokenizer from the two bundle files' bytes (what `read_bundle` returns); this is
+        how Ray workers receive a bundle that only the driver can read."""
+        config = json.loads(config_bytes)
         if config.get("format") != BUNDLE_FORMAT:
-            raise ValueError(f"{cfg_path}: format is {config.get('format')!r}, expected {BUNDLE_FORMAT!r}")
+            raise ValueError(f"{where}/{CONFIG_FILE}: format is {config.get('format')!r}, expected {BUNDLE_FORMAT!r}")
         if config.get("format_version", 0) > BUNDLE_VERSION:
             raise ValueError(
-                f"{cfg_path}: bundle format_version {config['format_version']} is newer than this vqtok "
+                f"{where}/{CONFIG_FILE}: bundle format_version {config['format_version']} is newer than this vqtok "
                 f"understands ({BUNDLE_VERSION}); upgrade vqtok"
             )
         model = VQVAE(VQVAEConfig.from_dict(config["model"]))
-        state = load_file(str(w_path))
+        state = load_safetensors(weights_bytes)
         missing, unexpected = model.load_state_dict(state, strict=False)
         training_only = tuple(f"quantizer.{b}" for b in model.quantizer.TRAINING_BUFFERS)
         missing = [k for k in missing if not k.startswith(training_only)]
         if missing or unexpected:
-            raise ValueError(f"{w_path}: weights do not match config.json (missing {missing}, unexpected {unexpected})")
+            raise ValueError(f"{where}/{WEIGHTS_FILE}: weights do not match config.json (missing {missing}, unexpected {unexpected})")
         model.quantizer.initialized.fill_(True)
-        return cls(model.to(device), id=bundle_id(path))
+        return cls(model.to(device), id=hashlib.sha256(config_bytes + weights_bytes).hexdigest())
 
     @property
     def id(self) -> str:
@@ -169,11 +172,19 @@ class Tokenizer:
         return images[..., 0] if self.config.channels == 1 else images
 
 
+def read_bundle(path: str | os.PathLike) -> tuple[bytes, bytes]:
+    """The bytes of a bundle's config.json and model.safetensors, from a directory or fsspec URL."""
+    base = str(path).rstrip("/")
+    try:
+        fs, root = fsspec.core.url_to_fs(base)
+        return fs.cat_file(f"{root}/{CONFIG_FILE}"), fs.cat_file(f"{root}/{WEIGHTS_FILE}")
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise FileNotFoundError(
+            f"{path} is not a tokenizer bundle: expected {CONFIG_FILE} and {WEIGHTS_FILE} in it "
+            f"(train one with `vqtok train-vqvae`, which writes RUN_DIR/tokenizer/)"
+        ) from None
+
+
 def bundle_id(path: str | os.PathLike) -> str:
     """sha256 over config.json's bytes followed by model.safetensors' bytes."""
-    h = hashlib.sha256()
-    for name in (CONFIG_FILE, WEIGHTS_FILE):
-        with open(Path(path) / name, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
+    return hashlib.sha256(b"".join(read_bundle(path))).hexdigest()

@@ -1,0 +1,53 @@
+"""Connecting to Ray, shared by the jobs: the embedded local Ray by default, a cluster with
+--address (or RAY_ADDRESS, which `ray job submit` sets), and resource checks that fail before any
+work starts."""
+from __future__ import annotations
+
+import logging
+import os
+
+from ..pipeline.errors import ConfigError
+
+
+def init_ray(address: str | None):
+    """Start or join Ray once per process; returns the ray module."""
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    kwargs = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
+    if address is None and "RAY_ADDRESS" not in os.environ:
+        kwargs |= dict(include_dashboard=False, num_cpus=os.cpu_count())
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as e:
+        where = address or os.environ.get("RAY_ADDRESS")
+        raise ConfigError(
+            f"--address {where}: cannot connect to a Ray cluster there ({type(e).__name__}: {str(e).splitlines()[0]}). "
+            f"Start one with `ray start --head`, pass its address (e.g. 127.0.0.1:6379), or leave --address out "
+            f"to run on an embedded local Ray"
+        ) from None
+    _quiet_ray_data()
+    return ray
+
+
+def _quiet_ray_data() -> None:
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # vqtok prints its own progress
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def check_resources(ray, *, workers: int, gpus_per_worker: float) -> None:
+    total = ray.cluster_resources()
+    if gpus_per_worker > 0:
+        have = total.get("GPU", 0)
+        need = workers * gpus_per_worker
+        if need > have:
+            raise ConfigError(
+                f"--workers {workers} x --gpus-per-worker {gpus_per_worker} needs {need:g} GPUs but the Ray cluster "
+                f"has {have:g}: lower --workers, or pass --gpus-per-worker 0 to run on CPU"
+            )

@@ -1,0 +1,279 @@
+"""Batch-tokenize a corpus to a Parquet token dataset: `vqtok tokenize` / `python -m vqtok.jobs.tokenize`
+(the Ray Jobs entry point) / `vqtok.tokenize(...)`; one code path.
+
+    result = vqtok.tokenize("runs/demo/tokenizer", ["shards/*.tar"], "out/tokens")
+    ds = vqtok.TokenDataset("out/tokens")
+
+Plan on the driver (units listed and sorted, fingerprint checked, committed units skipped), then a
+Ray Data stream: read + decode in Ray tasks (one per unit), encode in an actor pool that loads the
+tokenizer once per actor (on GPU when asked), token rows back to the driver, which commits each
+unit when its last row arrives (pipeline.plan). Kill it at any point and run the same command
+again: it resumes and the dataset ends up exactly as a clean run writes it.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from ..models.tokenizer import Tokenizer, read_bundle
+from ..pipeline.decode import DEFAULT_MAX_PIXELS
+from ..pipeline.errors import ConfigError, DataError
+from ..pipeline.plan import TokenOutput
+from ..pipeline.progress import fmt_duration
+from ..pipeline.sources import Failure, list_units, split_patterns
+from ..pipeline.stages import ChunkEncoder, UnitAssembler, read_units, unit_to_json
+from ..pipeline.tokens import ERRORS_DIR, dataset_metadata, part_table
+from ._ray import check_resources, init_ray
+
+
+@dataclass(kw_only=True)
+class TokenizeConfig:
+    tokenizer: str
+    data: list[str]
+    out: str
+    batch_size: int = 256
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float | None = None  # Ray CPUs each encoder actor reserves (default: 1 with a GPU, 0.5 without)
+    threads_per_worker: int = 0  # torch threads per CPU encoder (0: this machine's cores / workers)
+    address: str | None = None
+    max_failure_fraction: float = 0.1
+    max_image_pixels: int = DEFAULT_MAX_PIXELS
+    progress_seconds: float = 10.0
+    verbose: bool = True
+
+    def validate(self) -> None:
+        if not self.tokenizer:
+            raise ConfigError("--tokenizer is required: a bundle directory written by `vqtok train-vqvae` (RUN_DIR/tokenizer)")
+        if not self.data:
+            raise ConfigError("--data is required: input paths or URL patterns (e.g. shards/train-{000..009}.tar)")
+        if not self.out:
+            raise ConfigError("--out is required: where the token dataset goes (a directory or s3://bucket/prefix)")
+        for name, low in (("batch_size", 1), ("workers", 1)):
+            if getattr(self, name) < low:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least {low}")
+        if self.gpus_per_worker < 0:
+            raise ConfigError(f"--gpus-per-worker {self.gpus_per_worker}: must be 0 (CPU) or more")
+        if self.cpus_per_worker is not None and self.cpus_per_worker <= 0:
+            raise ConfigError(f"--cpus-per-worker {self.cpus_per_worker}: must be positive")
+        if not 0 <= self.max_failure_fraction <= 1:
+            raise ConfigError(f"--max-failure-fraction {self.max_failure_fraction}: must be in [0, 1]")
+        if self.max_image_pixels < 1:
+            raise ConfigError(f"--max-image-pixels {self.max_image_pixels}: must be positive")
+
+
+@dataclass
+class TokenizeResult:
+    out: str
+    rows: int  # in the dataset now (all committed parts)
+    parts: int
+    bytes: int
+    failures: int  # inputs skipped, over the whole dataset
+    units_total: int
+    units_run: int  # tokenized by this run
+    units_skipped: int  # already committed before this run
+    images_run: int  # rows written by this run
+    seconds: float
+    images_per_s: float
+    failure_examples: list[Failure] = field(default_factory=list)
+
+
+def tokenize(tokenizer: str, data: str | list[str], out: str, **options) -> TokenizeResult:
+    """Tokenize every image matched by `data` with the bundle at `tokenizer` into the token dataset
+    `out`. Options: the fields of TokenizeConfig."""
+    cfg = TokenizeConfig(tokenizer=str(tokenizer), data=split_patterns(data), out=str(out), **options)
+    return run(cfg)
+
+
+def run(cfg: TokenizeConfig) -> TokenizeResult:
+    cfg.validate()
+    t0 = time.time()
+    say = print if cfg.verbose else (lambda *a, **k: None)
+    try:
+        bundle = read_bundle(cfg.tokenizer)
+        tok = Tokenizer.from_bytes(*bundle, where=cfg.tokenizer)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"--tokenizer {cfg.tokenizer}: {e}") from None
+    from .. import __version__
+
+    meta = dataset_metadata(codebook_size=tok.config.codebook_size, tokenizer_id=tok.id, grid=tok.grid,
+                            preprocess=tok.preprocess.to_dict(), vqtok_version=__version__)
+    units = list_units(cfg.data)
+    output = TokenOutput.open(cfg.out, meta, units)
+    pending = output.pending(units)
+    skipped = len(units) - len(pending)
+    say(f"vqtok tokenize: {len(units)} input units from {', '.join(cfg.data)}; {skipped} already committed in "
+        f"{cfg.out}, {len(pending)} to do (tokenizer {tok.id[:12]}, grid {tok.grid[0]}x{tok.grid[1]}, K={meta['codebook_size']})",
+        flush=True)
+    images_run, examples = 0, []
+    if pending:
+        images_run, examples = _stream(cfg, bundle, tok, meta, output, pending, len(units), say, t0)
+    seconds = time.time() - t0
+    result = _result(cfg, output, len(units), len(pending), skipped, images_run, seconds, examples)
+    _check_failures(output, cfg, final=True)
+    say(_summary(result), flush=True)
+    return result
+
+
+def _stream(cfg, bundle, tok, meta, output: TokenOutput, pending, n_units, say, t0) -> tuple[int, list[Failure]]:
+    ray = init_ray(cfg.address)
+    check_resources(ray, workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker)
+    on_gpu = cfg.gpus_per_worker > 0
+    threads = 0 if on_gpu else (cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers))
+    cpus = cfg.cpus_per_worker or (1.0 if on_gpu else 0.5)
+    ds = ray.data.from_items([{"unit": unit_to_json(u), "part": i} for u, i in pending],
+                             override_num_blocks=len(pending))
+    # decoding reserves a whole CPU, the encoders less: the different resource shapes also keep Ray
+    # Data from fusing the two stages into one actor, so decoding overlaps encoding
+    ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=1,
+                        fn_kwargs=dict(preprocess=tok.preprocess, chunk_size=cfg.batch_size,
+                                       max_pixels=cfg.max_image_pixels))
+    ds = ds.map_batches(ChunkEncoder, batch_size=None, batch_format="pyarrow",
+                        compute=ray.data.ActorPoolStrategy(size=cfg.workers),
+                        num_cpus=cpus, num_gpus=cfg.gpus_per_worker or None,
+                        fn_constructor_kwargs=dict(bundle=bundle, batch_size=cfg.batch_size,
+                                                   device="cuda" if on_gpu else "cpu", threads=threads))
+    by_part = {i: u for u, i in pending}
+    assembler = UnitAssembler()
+    done_units, images, examples = 0, 0, []
+    t_start, t_report = time.time(), time.time()
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for part, rows, failures in assembler.add(batch):
+            unit = by_part[part]
+            table = part_table(meta, rows.column("key").to_pylist(), tok_grids(rows, tok),
+                               rows.column("label").to_pylist(), unit.url)
+            fails = [Failure(f["key"], f["unit"], f["reason"]) for f in failures]
+            output.commit(unit, part, table, fails)
+            done_units += 1
+            images += table.num_rows
+            for f in fails[: max(0, 5 - len(examples))]:
+                examples.append(f)
+                say(f"vqtok tokenize: skipped {f.key!r} in {f.unit}: {f.reason}", flush=True)
+            _check_failures(output, cfg, final=False)
+        now = time.time()
+        if now - t_report >= cfg.progress_seconds:
+            t_report = now
+            say(_progress(done_units, len(pending), images, now - t_start, output), flush=True)
+    if assembler.in_flight:
+        raise RuntimeError(f"{assembler.in_flight} units did not complete; re-run the same command to finish them")
+    say(_progress(done_units, len(pending), images, time.time() - t_start, output), flush=True)
+    return images, examples
+
+
+def tok_grids(rows, tok):
+    import numpy as np
+
+    h, w = tok.grid
+    col = rows.column("tokens").combine_chunks()
+    return col.values.to_numpy(zero_copy_only=False).reshape(len(rows), h, w) if len(rows) else np.zeros((0, h, w), np.int64)
+
+
+def _progress(done: int, total: int, images: int, elapsed: float, output: TokenOutput) -> str:
+    rate = images / max(elapsed, 1e-9)
+    eta = elapsed / done * (total - done) if done else float("nan")
+    eta_s = fmt_duration(eta) if done else "?"
+    fails = output.manifest["failures"] if "failures" in output.manifest else 0
+    return (f"vqtok tokenize: units {done}/{total} | images {images:,} | {rate:,.0f} img/s | "
+            f"skipped {fails} | eta {eta_s}")
+
+
+def _check_failures(output: TokenOutput, cfg: TokenizeConfig, final: bool) -> None:
+    failed = sum(c["failures"] for c in output.committed.values())
+    seen = failed + sum(c["rows"] for c in output.committed.values())
+    if not seen or (not final and seen < 1000):
+        return
+    if failed / seen > cfg.max_failure_fraction:
+        raise DataError(
+            f"{failed} of {seen} input images ({failed / seen:.1%}) could not be tokenized, more than "
+            f"--max-failure-fraction {cfg.max_failure_fraction}; the reasons are in {cfg.out}/{ERRORS_DIR}/. "
+            f"Fix or drop the bad inputs, or raise --max-failure-fraction if they are expected"
+        )
+
+
+def _result(cfg, output: TokenOutput, n_units, n_run, skipped, images_run, seconds, examples) -> TokenizeResult:
+    c = output.committed.values()
+    return TokenizeResult(
+        out=cfg.out, rows=sum(x["rows"] for x in c), parts=len(c), bytes=sum(x["bytes"] for x in c),
+        failures=sum(x["failures"] for x in c), units_total=n_units, units_run=n_run, units_skipped=skipped,
+        images_run=images_run, seconds=seconds, images_per_s=images_run / max(seconds, 1e-9),
+        failure_examples=examples,
+    )
+
+
+def _summary(r: TokenizeResult) -> str:
+    if r.units_run == 0:
+        return (f"vqtok tokenize: nothing to do: all {r.units_total} units are already committed in {r.out} "
+                f"({r.rows:,} rows in {r.parts} parts)")
+    lines = [
+        f"vqtok tokenize: done in {fmt_duration(r.seconds)}: {r.images_run:,} images from {r.units_run} units "
+        f"({r.images_per_s:,.0f} img/s end to end)",
+        f"  dataset {r.out}: {r.rows:,} rows in {r.parts} parts, {_fmt_bytes(r.bytes)}"
+        + (f" ({r.units_skipped} units were already there)" if r.units_skipped else ""),
+        f"  skipped inputs: {r.failures}" + (f" (one record each in {r.out}/{ERRORS_DIR}/)" if r.failures else ""),
+        f"  read it with vqtok.TokenDataset({r.out!r}) or `vqtok inspect {r.out}`",
+    ]
+    return "\n".join(lines)
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line (shared by `vqtok tokenize` and `python -m vqtok.jobs.tokenize`)
+# ----------------------------------------------------------------------------------------------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tokenizer", help="tokenizer bundle directory or URL (RUN_DIR/tokenizer from train-vqvae)")
+    p.add_argument("--data", action="append", help="input images: paths or URL patterns (repeat or comma-separate)")
+    p.add_argument("--out", help="token dataset directory or URL (s3://bucket/prefix)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per encoder batch (default 256)")
+    p.add_argument("--workers", type=int, default=1, help="encoder actors (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per encoder actor (default 0: CPU)")
+    p.add_argument("--cpus-per-worker", type=float, default=None,
+                   help="Ray CPUs each encoder reserves (default 1 with a GPU, 0.5 without)")
+    p.add_argument("--threads-per-worker", type=int, default=0,
+                   help="torch threads per CPU encoder (default: this machine's cores / workers)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: RAY_ADDRESS if set, else an embedded local Ray)")
+    p.add_argument("--max-failure-fraction", type=float, default=0.1,
+                   help="fail when more of the input images than this are bad (default 0.1)")
+    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                   help="refuse larger images as decompression bombs (default 64 Mpx)")
+    p.add_argument("--progress-seconds", type=float, default=10.0, help="seconds between progress lines (default 10)")
+
+
+def config_from_args(args: argparse.Namespace) -> TokenizeConfig:
+    return TokenizeConfig(
+        tokenizer=args.tokenizer or "", data=split_patterns(args.data or []), out=args.out or "",
+        batch_size=args.batch_size, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker, threads_per_worker=args.threads_per_worker, address=args.address,
+        max_failure_fraction=args.max_failure_fraction, max_image_pixels=args.max_image_pixels,
+        progress_seconds=args.progress_seconds,
+    )
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    run(config_from_args(args))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m vqtok.jobs.tokenize", description="Tokenize images to Parquet.")
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return run_from_args(args)
+    except (ConfigError, DataError, FileNotFoundError) as e:
+        print(f"vqtok tokenize: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

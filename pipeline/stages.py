@@ -1,0 +1,177 @@
+"""The stages of batch tokenization, as plain functions on Arrow tables (Ray Data runs them; tests
+can call them directly).
+
+    read_units      (Ray tasks)   a unit -> chunks of preprocessed pixels, failures recorded
+    ChunkEncoder    (Ray actors)  pixels -> token grids; pixels are dropped here
+    UnitAssembler   (driver)      token rows -> one complete, ordered table per unit, for commit
+
+Rows carry (part, pos): the unit's part number and the sample's position among the unit's good
+samples. Encoding groups rows by (part, pos // batch_size), so every image is encoded in the same
+batch whatever the number of workers or how Ray splits blocks: `vqtok tokenize` gives exactly
+`Tokenizer.encode(unit_images, batch_size)`. The last chunk of a unit carries `total` (its number
+of good samples) and its failures as JSON; a unit whose last chunk would be empty sends one
+placeholder row with a null key and null pixels.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from ..models.preprocess import Preprocess
+from .decode import DecodeError, decode_sample
+from .sources import Failure, Unit, iter_unit
+
+
+def unit_to_json(unit: Unit) -> str:
+    return json.dumps(asdict(unit))
+
+
+def unit_from_json(s: str) -> Unit:
+    d = json.loads(s)
+    return Unit(url=d["url"], kind=d["kind"], files=tuple(d["files"]), labels=tuple(d["labels"]),
+                labels_url=d["labels_url"])
+
+
+def chunk_schema(pixel_bytes: int) -> pa.Schema:
+    return pa.schema([
+        ("part", pa.int32()), ("pos", pa.int64()), ("key", pa.string()), ("label", pa.int32()),
+        ("pixels", pa.binary(pixel_bytes)), ("total", pa.int64()), ("failures", pa.string()),
+    ])
+
+
+def read_units(batch: pa.Table, *, preprocess: Preprocess, chunk_size: int, max_pixels: int):
+    """Ray Data map_batches generator: rows (unit JSON, part) -> chunk tables of pixels."""
+    s, c = preprocess.image_size, preprocess.channels
+    schema = chunk_schema(s * s * c)
+    for unit_json, part in zip(batch.column("unit").to_pylist(), batch.column("part").to_pylist()):
+        unit = unit_from_json(unit_json)
+        failures: list[Failure] = []
+        keys, labels, pixels = [], [], []
+        pos = 0
+
+        def flush(last: bool):
+            n = len(keys)
+            total = [-1] * n
+            fails = [None] * n
+            pix = pa.array(pixels, pa.binary(s * s * c))
+            rows_keys, rows_labels = list(keys), list(labels)
+            if last:
+                if n == 0:  # placeholder row so the driver learns the unit is done
+                    rows_keys, rows_labels, pix, total, fails = [None], [None], pa.nulls(1, pa.binary(s * s * c)), [0], [None]
+                    n = 1
+                total[-1] = pos + len(keys)
+                fails[-1] = json.dumps([asdict(f) for f in failures])
+            start = pos
+            return pa.Table.from_arrays([
+                pa.array([part] * n, pa.int32()), pa.array(np.arange(start, start + n), pa.int64()),
+                pa.array(rows_keys, pa.string()), pa.array(rows_labels, pa.int32()), pix,
+                pa.array(total, pa.int64()), pa.array(fails, pa.string()),
+            ], schema=schema)
+
+        for raw in iter_unit(unit, failures.append):
+            try:
+                arr = decode_sample(raw, preprocess, max_pixels)
+            except DecodeError as e:
+                failures.append(Failure(raw.key, unit.url, str(e)))
+                continue
+            keys.append(raw.key)
+            labels.append(raw.label)
+            pixels.append(arr.tobytes())
+            if len(keys) == chunk_size:
+                yield flush(last=False)
+                pos += len(keys)
+                keys, labels, pixels = [], [], []
+        yield flush(last=True)
+
+
+class ChunkEncoder:
+    """Ray Data actor: loads the tokenizer once, turns pixel rows into token rows."""
+
+    def __init__(self, bundle: tuple[bytes, bytes], *, batch_size: int, device: str = "cpu", threads: int = 0):
+        import torch
+
+        from ..models.tokenizer import Tokenizer
+
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.tok = Tokenizer.from_bytes(*bundle, device=device)
+        self.batch_size = batch_size
+        cfg = self.tok.config
+        self.shape = (cfg.image_size, cfg.image_size, cfg.channels)
+        self.k = cfg.codebook_size
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        from .tokens import tokens_array
+
+        pixels = batch.column("pixels").combine_chunks()
+        valid = pc.is_valid(batch.column("key")).to_numpy(zero_copy_only=False)
+        n = len(batch)
+        size = int(np.prod(self.shape))
+        buf = np.frombuffer(pixels.buffers()[1], dtype=np.uint8)[pixels.offset * size:(pixels.offset + n) * size]
+        images = buf.reshape(n, *self.shape)
+        h = self.tok.grid[0]
+        grids = np.zeros((n, h, self.tok.grid[1]), dtype=np.int64)
+        parts = batch.column("part").to_numpy()
+        groups = batch.column("pos").to_numpy() // self.batch_size
+        # encode each (part, pos // batch_size) group on its own: batch composition is a function
+        # of the data only, never of how the rows were spread over workers
+        order = np.lexsort((groups, parts))
+        keys = np.stack([parts[order], groups[order]], 1)
+        cuts = np.flatnonzero(np.any(keys[1:] != keys[:-1], axis=1)) + 1
+        for rows in np.split(order, cuts):
+            rows = rows[valid[rows]]
+            if len(rows):
+                grids[rows] = self.tok.encode(images[rows], batch_size=self.batch_size).cpu().numpy()
+        out = batch.drop_columns(["pixels"])
+        return out.append_column("tokens", tokens_array(grids, self.k))
+
+
+class UnitAssembler:
+    """Driver side: collects token rows per part until a unit is complete."""
+
+    def __init__(self):
+        self.tables: dict[int, list[pa.Table]] = defaultdict(list)
+        self.rows: dict[int, int] = defaultdict(int)
+        self.total: dict[int, int] = {}
+        self.failures: dict[int, list[dict]] = {}
+
+    def add(self, table: pa.Table) -> list[tuple[int, pa.Table, list[dict]]]:
+        """Add a batch; return the units it completed as (part, rows ordered by pos, failures)."""
+        done = []
+        parts = table.column("part").to_numpy()
+        for part in np.unique(parts):
+            t = table.filter(pc.equal(table.column("part"), int(part)))
+            part = int(part)
+            last = t.filter(pc.greater_equal(t.column("total"), 0))
+            if last.num_rows:
+                self.total[part] = int(last.column("total")[0].as_py())
+                self.failures[part] = json.loads(last.column("failures")[0].as_py())
+            good = t.filter(pc.is_valid(t.column("key")))  # drops the placeholder row
+            self.tables[part].append(good)
+            self.rows[part] += good.num_rows
+            if part in self.total and self.rows[part] >= self.total[part]:
+                finished = self._finish(part)
+                if finished is not None:
+                    done.append(finished)
+        return done
+
+    def _finish(self, part: int) -> tuple[int, pa.Table, list[dict]] | None:
+        t = pa.concat_tables(self.tables[part]).sort_by("pos")
+        pos = t.column("pos").to_numpy()
+        if len(pos) > 1 and (np.diff(pos) == 0).any():  # a retried task delivered a chunk twice
+            t = t.filter(pa.array(np.concatenate([[True], np.diff(pos) != 0])))
+        if t.num_rows < self.total[part]:  # duplicates counted; a chunk is still to come
+            self.tables[part], self.rows[part] = [t], t.num_rows
+            return None
+        del self.tables[part], self.rows[part]
+        self.total.pop(part)
+        return part, t, self.failures.pop(part)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.tables)
