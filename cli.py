@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .jobs import eval_vqvae, train_vqvae
+from .jobs import eval_vqvae, tokenize, train_vqvae
 from .pipeline.errors import ConfigError, DataError
 
 
@@ -17,6 +17,18 @@ def _convert(args) -> int:
     from .pipeline.convert import convert
 
     convert(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix)
+    return 0
+
+
+def _inspect(args) -> int:
+    from .pipeline.tokens import TokenDataset
+
+    ds = TokenDataset(args.path)
+    print(ds.describe(rows=args.rows))
+    if args.verify:
+        problems = ds.verify()
+        print("verify: " + ("all parts match the manifest" if not problems else "; ".join(problems)))
+        return 1 if problems else 0
     return 0
 
 
@@ -34,6 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval-vqvae", help="held-out metrics and reconstructions for a tokenizer")
     eval_vqvae.add_arguments(e)
     e.set_defaults(func=eval_vqvae.run_from_args)
+
+    k = sub.add_parser("tokenize", help="tokenize images into a Parquet token dataset (Ray Data)")
+    tokenize.add_arguments(k)
+    k.set_defaults(func=tokenize.run_from_args)
+
+    i = sub.add_parser("inspect", help="summary, schema metadata and a few rows of a token dataset")
+    i.add_argument("path", help="token dataset directory or URL (the --out of vqtok tokenize)")
+    i.add_argument("--rows", type=int, default=5, help="rows to show (default 5)")
+    i.add_argument("--verify", action="store_true", help="re-hash every part against the manifest")
+    i.set_defaults(func=_inspect)
 
     c = sub.add_parser("convert", help="write WebDataset shards (KEY.png, KEY.cls) from IDX files or an image folder")
     c.add_argument("src", nargs="+", help="IDX images file, image folder, tar shards, or URL patterns")

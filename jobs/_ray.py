@@ -5,8 +5,27 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 
 from ..pipeline.errors import ConfigError
+
+
+def check_address(address: str | None, timeout: float = 3.0) -> None:
+    """Fail fast (seconds, not Ray's minutes of retries) when --address names nothing reachable."""
+    if not address or address in ("auto", "local"):
+        return
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address {address}: expected HOST:PORT (e.g. 127.0.0.1:6379) or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise ConfigError(
+            f"--address {address}: nothing answers there ({e.strerror or e}). Start a cluster with "
+            f"`ray start --head --port {port}`, check the host and port, or leave --address out to run on an "
+            f"embedded local Ray"
+        ) from None
 
 
 def init_ray(address: str | None):

@@ -26,7 +26,7 @@ from ..pipeline.progress import fmt_duration
 from ..pipeline.sources import Failure, list_units, split_patterns
 from ..pipeline.stages import ChunkEncoder, UnitAssembler, read_units, unit_to_json
 from ..pipeline.tokens import ERRORS_DIR, dataset_metadata, part_table
-from ._ray import check_resources, init_ray
+from ._ray import check_address, check_resources, init_ray
 
 
 @dataclass(kw_only=True)
@@ -90,6 +90,7 @@ def tokenize(tokenizer: str, data: str | list[str], out: str, **options) -> Toke
 
 def run(cfg: TokenizeConfig) -> TokenizeResult:
     cfg.validate()
+    check_address(cfg.address)
     t0 = time.time()
     say = print if cfg.verbose else (lambda *a, **k: None)
     try:

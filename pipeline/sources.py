@@ -193,11 +193,31 @@ def iter_unit(unit: Unit, on_failure: Callable[[Failure], None]) -> Iterator[Raw
         raise DataError(f"unknown unit kind {unit.kind!r} for {unit.url}")
 
 
+class _TailReader:
+    """A read-through wrapper that counts bytes and keeps the last block, to tell a tar that ended
+    with its end-of-archive marker from one cut off at a member boundary (which tarfile's stream
+    mode takes for a normal end, silently)."""
+
+    def __init__(self, f):
+        self.f, self.total, self.tail = f, 0, b""
+
+    def read(self, n=-1):
+        data = self.f.read(n)
+        self.total += len(data)
+        self.tail = (self.tail + data)[-512:]
+        return data
+
+    def complete(self) -> bool:
+        self.read(1 << 16)  # what tarfile left unread: padding after the marker
+        return self.total > 0 and self.total % 512 == 0 and self.tail == bytes(512)
+
+
 def _iter_tar(unit: Unit, on_failure) -> Iterator[RawSample]:
     n = 0
     try:
         with fsspec.open(unit.url, "rb", compression="infer") as f:
-            members = (dict(m, __url__=unit.url) for m in tar_file_iterator(f))
+            reader = _TailReader(f)
+            members = (dict(m, __url__=unit.url) for m in tar_file_iterator(reader))
             for sample in group_by_keys(members):
                 key = sample["__key__"]
                 n += 1
@@ -214,6 +234,8 @@ def _iter_tar(unit: Unit, on_failure) -> Iterator[RawSample]:
                         on_failure(Failure(key, unit.url, f"bad .cls label {sample['cls'][:20]!r}: expected an integer"))
                         continue
                 yield RawSample(key=key, data=sample[image_ext], label=label, unit=unit.url)
+            if not reader.complete():
+                raise tarfile.ReadError(f"no end-of-archive marker after {reader.total} bytes: the shard is cut short")
     except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as e:
         # truncated or corrupt archive (or a duplicate member name): keep what was read, report the rest
         on_failure(Failure(f"<after {n} samples>", unit.url, f"unreadable tar ({type(e).__name__}: {e})"))

@@ -28,6 +28,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from .errors import DataError
+
 SCHEMA_VERSION = 1
 METADATA_KEY = b"vqtok"
 MANIFEST = "_manifest.json"
@@ -111,7 +113,7 @@ def read_manifest(fs, root: str) -> dict | None:
     except FileNotFoundError:
         return None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); it is written atomically, so something else wrote it") from None
+        raise DataError(f"{path} is not valid JSON ({e}); it is written atomically, so something else wrote it") from None
 
 
 @dataclass(frozen=True)
@@ -136,9 +138,9 @@ class TokenDataset:
                 f"{path} is not a token dataset: no {MANIFEST} (write one with `vqtok tokenize --out {path}`)"
             )
         if manifest.get("format") != FORMAT:
-            raise ValueError(f"{path}/{MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+            raise DataError(f"{path}/{MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}")
         if manifest.get("schema_version", 0) > SCHEMA_VERSION:
-            raise ValueError(f"{path}: schema_version {manifest['schema_version']} is newer than this vqtok reads "
+            raise DataError(f"{path}: schema_version {manifest['schema_version']} is newer than this vqtok reads "
                              f"({SCHEMA_VERSION}); upgrade vqtok")
         self.manifest = manifest
         self.metadata: dict = manifest["metadata"]
@@ -223,6 +225,34 @@ class TokenDataset:
 
         tokens, labels = self.to_numpy()
         return torch.from_numpy(tokens.astype(np.int64)), torch.from_numpy(labels.astype(np.int64))
+
+    def describe(self, rows: int = 5) -> str:
+        """What `vqtok inspect` prints: manifest summary, schema metadata, the first rows."""
+        m = self.manifest
+        size = sum(p.bytes for p in self.parts)
+        lines = [
+            f"token dataset {self.path}",
+            f"  rows {self.num_rows:,} in {len(self.parts)} committed parts ({size / 1024:,.1f} KiB); "
+            f"{len(m.get('units', {})) - len(self.parts)} planned units not committed; {self.failures} inputs skipped"
+            + (f" (records in {ERRORS_DIR}/)" if self.failures else ""),
+            f"  tokenizer {self.tokenizer_id}",
+            f"  grid {self.grid[0]}x{self.grid[1]}, codebook size {self.codebook_size}, tokens "
+            f"{token_type(self.codebook_size)}, schema_version {self.metadata['schema_version']}, "
+            f"vqtok {self.metadata.get('vqtok_version')}",
+            f"  preprocess {json.dumps(self.metadata.get('preprocess'), sort_keys=True)}",
+            "  schema: " + ", ".join(f"{f.name} {f.type}" for f in self.schema),
+        ]
+        if self.parts:
+            lines.append(f"  first parts: " + ", ".join(f"{p.name} ({p.rows} rows from {p.unit})" for p in self.parts[:3]))
+        if rows > 0 and self.parts:
+            lines.append(f"  first {rows} rows:")
+            t = self.read_part(0).slice(0, rows)
+            grids = self.grids(t)
+            for r, g in zip(t.to_pylist(), grids):
+                flat = " ".join(str(v) for v in g.reshape(-1)[:12])
+                lines.append(f"    key {r['key']!r} label {r['label']} tokens [{flat}{' ...' if g.size > 12 else ''}] "
+                             f"({r['grid_h']}x{r['grid_w']})")
+        return "\n".join(lines)
 
     def verify(self) -> list[str]:
         """Re-hash every committed part against the manifest; returns the problems found."""
