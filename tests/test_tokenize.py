@@ -263,3 +263,105 @@ def test_cli_tokenize_then_inspect(tmp_path, bundle, shards):
     assert r.returncode == 0, r.stderr
     assert f"rows {4 * PER_SHARD:,} in 4 committed parts" in r.stdout and "key 'img000000'" in r.stdout
     assert "all parts match the manifest" in r.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# Kills: the driver, then an encoder actor. Real processes, real SIGKILL.
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def many_shards(tmp_path_factory, fmnist) -> Path:
+    images, labels = fmnist
+    folder = tmp_path_factory.mktemp("many")
+    write_shards(folder, images, labels, 20, per=500)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def clean_run(tmp_path_factory, bundle, many_shards) -> Path:
+    out = tmp_path_factory.mktemp("clean") / "tokens"
+    r = run_cli("tokenize", "--tokenizer", str(bundle), "--data", str(many_shards), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def start_tokenize(bundle, data, out, *extra) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("vqtok")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([str(exe), "tokenize", "--tokenizer", str(bundle), "--data", str(data), "--out", str(out),
+                             "--progress-seconds", "1", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True)
+
+
+def committed(out: Path) -> int:
+    try:
+        return len(json.loads((out / "_manifest.json").read_text())["committed"])
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+
+
+def wait_for(cond, timeout=120.0, every=0.02):
+    t0 = time.time()
+    while not cond():
+        if time.time() - t0 > timeout:
+            raise TimeoutError("condition not met in time")
+        time.sleep(every)
+
+
+def kill_group(p: subprocess.Popen) -> None:
+    """Ray agents started by a SIGKILLed driver outlive it; clear them from the process group."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def pids_with(text: str) -> list[int]:
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if text in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(d.name))
+            except OSError:
+                pass
+    return found
+
+
+@pytest.mark.slow
+def test_driver_killed_mid_job_then_rerun_gives_the_clean_dataset(tmp_path, bundle, many_shards, clean_run):
+    out = tmp_path / "tokens"
+    p = start_tokenize(bundle, many_shards, out)
+    try:
+        wait_for(lambda: committed(out) >= 2)
+        os.kill(p.pid, signal.SIGKILL)  # the driver, mid-job
+        p.wait()
+    finally:
+        kill_group(p)
+    at_kill = committed(out)
+    assert 2 <= at_kill < 20, at_kill
+
+    r = run_cli("tokenize", "--tokenizer", str(bundle), "--data", str(many_shards), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert f"{at_kill} already committed" in r.stdout
+    assert part_hashes(out) == part_hashes(clean_run)
+    a, b = TokenDataset(out).to_table(), TokenDataset(clean_run).to_table()
+    assert a.equals(b) and len(set(a.column("key").to_pylist())) == a.num_rows == 10_000
+
+
+@pytest.mark.slow
+def test_encoder_actor_killed_mid_job_the_job_finishes_exactly(tmp_path, bundle, many_shards, clean_run):
+    out = tmp_path / "tokens"
+    p = start_tokenize(bundle, many_shards, out, "--batch-size", "64")
+    try:
+        wait_for(lambda: committed(out) >= 1 and pids_with("ChunkEncoder"))
+        victims = pids_with("ChunkEncoder")
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+        at_kill = committed(out)
+        log, _ = p.communicate(timeout=300)
+    finally:
+        kill_group(p)
+    assert p.returncode == 0, log
+    assert at_kill < 20, "the job ended before the kill; nothing was tested"
+    assert part_hashes(out) == part_hashes(clean_run)
+    assert "10,000 rows in 20 parts" in log
