@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test test-slow test-all bench-quality clean
+.PHONY: install demo test test-slow test-all bench-quality bench-tokenize clean
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,9 +17,14 @@ $(STAMP): pyproject.toml requirements-lock.txt
 
 install: $(STAMP)
 
-# Main job on the embedded default: train a tokenizer on the bundled Fashion-MNIST sample.
+# Main job on the embedded default (local Ray, local files, the bundled Fashion-MNIST sample):
+# train a tokenizer (resumes, so a second run skips straight to the end), write the sample as
+# WebDataset shards, tokenize them to a Parquet token dataset, and show what was written.
 demo: $(STAMP)
 	$(BIN)/vqtok train-vqvae --data examples/fashion-mnist --out $(DEMO_OUT) --steps 1500
+	$(BIN)/vqtok convert examples/fashion-mnist $(DEMO_OUT)/shards --shard-size 2500
+	$(BIN)/vqtok tokenize --tokenizer $(DEMO_OUT)/tokenizer --data $(DEMO_OUT)/shards --out $(DEMO_OUT)/tokens
+	$(BIN)/vqtok inspect $(DEMO_OUT)/tokens --rows 3
 
 # The fast test suite (what every change must keep green).
 test: $(STAMP)
@@ -33,6 +38,9 @@ test-all: test test-slow
 
 bench-quality: $(STAMP)
 	$(BIN)/python benchmarks/vqvae_quality.py
+
+bench-tokenize: $(STAMP)
+	$(BIN)/python benchmarks/tokenize_throughput.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -8,15 +8,42 @@
     vqtok.tokenize(result.tokenizer_dir, "shards/*.tar", "out/tokens")   # Parquet token dataset (Ray Data)
     tokens, labels = vqtok.TokenDataset("out/tokens").to_numpy()
 """
-from .jobs.eval_vqvae import eval_vqvae
-from .jobs.tokenize import TokenizeConfig, TokenizeResult, tokenize
-from .jobs.train_vqvae import TrainConfig, TrainResult, train_vqvae
-from .kernels import nearest_code
-from .models import Preprocess, Tokenizer, VQVAEConfig
-from .pipeline.convert import convert
-from .pipeline.errors import ConfigError, DataError
-from .pipeline.sources import list_units
-from .pipeline.tokens import TokenDataset
+import importlib
+from typing import TYPE_CHECKING
+
+# Names resolve on first use (PEP 562), so `python -m vqtok.jobs.NAME` runs its module once and
+# `import vqtok` stays cheap.
+_EXPORTS = {
+    "eval_vqvae": "jobs.eval_vqvae",
+    "tokenize": "jobs.tokenize", "TokenizeConfig": "jobs.tokenize", "TokenizeResult": "jobs.tokenize",
+    "TrainConfig": "jobs.train_vqvae", "TrainResult": "jobs.train_vqvae", "train_vqvae": "jobs.train_vqvae",
+    "nearest_code": "kernels",
+    "Preprocess": "models", "Tokenizer": "models", "VQVAEConfig": "models",
+    "convert": "pipeline.convert",
+    "ConfigError": "pipeline.errors", "DataError": "pipeline.errors",
+    "list_units": "pipeline.sources",
+    "TokenDataset": "pipeline.tokens",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'vqtok' has no attribute {name!r}")
+
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .jobs.eval_vqvae import eval_vqvae
+    from .jobs.tokenize import TokenizeConfig, TokenizeResult, tokenize
+    from .jobs.train_vqvae import TrainConfig, TrainResult, train_vqvae
+    from .kernels import nearest_code
+    from .models import Preprocess, Tokenizer, VQVAEConfig
+    from .pipeline.convert import convert
+    from .pipeline.errors import ConfigError, DataError
+    from .pipeline.sources import list_units
+    from .pipeline.tokens import TokenDataset
 
 try:
     from importlib.metadata import version as _version

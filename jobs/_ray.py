@@ -37,11 +37,14 @@ def init_ray(address: str | None):
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
     if address is None and "RAY_ADDRESS" not in os.environ:
+        # embedded: always a fresh local Ray owned by this process, even when `ray start` left a
+        # cluster running on this machine (join that one with --address auto)
+        address = "local"
         kwargs |= dict(include_dashboard=False, num_cpus=os.cpu_count())
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
-        where = address or os.environ.get("RAY_ADDRESS")
+        where = os.environ.get("RAY_ADDRESS") if address in (None, "local") else address
         raise ConfigError(
             f"--address {where}: cannot connect to a Ray cluster there ({type(e).__name__}: {str(e).splitlines()[0]}). "
             f"Start one with `ray start --head`, pass its address (e.g. 127.0.0.1:6379), or leave --address out "

@@ -135,7 +135,7 @@ def _stream(cfg, bundle, tok, meta, output: TokenOutput, pending, n_units, say, 
     ds = ds.map_batches(ChunkEncoder, batch_size=None, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=cfg.workers),
                         num_cpus=cpus, num_gpus=cfg.gpus_per_worker or None,
-                        fn_constructor_kwargs=dict(bundle=bundle, batch_size=cfg.batch_size,
+                        fn_constructor_kwargs=dict(bundle=_StoredBundle(ray.put(bundle)), batch_size=cfg.batch_size,
                                                    device="cuda" if on_gpu else "cpu", threads=threads))
     by_part = {i: u for u, i in pending}
     assembler = UnitAssembler()
@@ -162,6 +162,19 @@ def _stream(cfg, bundle, tok, meta, output: TokenOutput, pending, n_units, say, 
         raise RuntimeError(f"{assembler.in_flight} units did not complete; re-run the same command to finish them")
     say(_progress(done_units, len(pending), images, time.time() - t_start, output), flush=True)
     return images, examples
+
+
+class _StoredBundle:
+    """A small handle to the bundle bytes in Ray's object store: actors fetch one shared copy,
+    and a restarted actor fetches it again (the driver keeps the reference alive)."""
+
+    def __init__(self, ref):
+        self.refs = [ref]  # in a list, so Ray passes the handle rather than resolving it
+
+    def __call__(self):
+        import ray
+
+        return ray.get(self.refs[0])
 
 
 def tok_grids(rows, tok):
@@ -242,7 +255,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads-per-worker", type=int, default=0,
                    help="torch threads per CPU encoder (default: this machine's cores / workers)")
     p.add_argument("--address", default=None,
-                   help="Ray cluster address (default: RAY_ADDRESS if set, else an embedded local Ray)")
+                   help="Ray cluster: HOST:PORT, ray://HOST:PORT or auto (default: RAY_ADDRESS if set, else an embedded local Ray)")
     p.add_argument("--max-failure-fraction", type=float, default=0.1,
                    help="fail when more of the input images than this are bad (default 0.1)")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,

@@ -92,13 +92,17 @@ def read_units(batch: pa.Table, *, preprocess: Preprocess, chunk_size: int, max_
 class ChunkEncoder:
     """Ray Data actor: loads the tokenizer once, turns pixel rows into token rows."""
 
-    def __init__(self, bundle: tuple[bytes, bytes], *, batch_size: int, device: str = "cpu", threads: int = 0):
+    def __init__(self, bundle, *, batch_size: int, device: str = "cpu", threads: int = 0):
+        """bundle: the (config.json, model.safetensors) bytes, or a callable that returns them
+        (the job passes a small handle to one copy in Ray's object store)."""
         import torch
 
         from ..models.tokenizer import Tokenizer
 
         if threads > 0:
             torch.set_num_threads(threads)
+        if callable(bundle):
+            bundle = bundle()
         self.tok = Tokenizer.from_bytes(*bundle, device=device)
         self.batch_size = batch_size
         cfg = self.tok.config

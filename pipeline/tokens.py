@@ -243,7 +243,7 @@ class TokenDataset:
             "  schema: " + ", ".join(f"{f.name} {f.type}" for f in self.schema),
         ]
         if self.parts:
-            lines.append(f"  first parts: " + ", ".join(f"{p.name} ({p.rows} rows from {p.unit})" for p in self.parts[:3]))
+            lines.append("  first parts: " + ", ".join(f"{p.name} ({p.rows} rows from {p.unit})" for p in self.parts[:3]))
         if rows > 0 and self.parts:
             lines.append(f"  first {rows} rows:")
             t = self.read_part(0).slice(0, rows)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,8 @@ import pytest
 import torch
 from PIL import Image
 
+from vqtok import Tokenizer, VQVAEConfig
+from vqtok.models import VQVAE
 from vqtok.pipeline.sources import read_idx
 
 REPO = Path(__file__).resolve().parents[1]
@@ -71,3 +74,52 @@ def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None) -> subpro
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")
     exe = Path(sys.executable).with_name("vqtok")
     return subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenization: a tiny bundle and real tar shards of the sample
+# ----------------------------------------------------------------------------------------------
+TINY = VQVAEConfig(width=32, code_dim=16, codebook_size=32, res_blocks=1)
+PER_SHARD = 150
+
+
+def make_bundle(path: Path, seed: int) -> Path:
+    import torch
+
+    torch.manual_seed(seed)
+    model = VQVAE(TINY)
+    with torch.no_grad():  # a spread-out random codebook, so tokens vary from image to image
+        model.quantizer.codebook.normal_()
+    Tokenizer(model).save(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def bundle(tmp_path_factory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("tok") / "tokenizer", seed=0)
+
+
+def write_shards(folder: Path, images, labels, n_shards: int, per: int = PER_SHARD, start: int = 0) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s in range(start, start + n_shards):
+        members = []
+        for i in range(s * per, (s + 1) * per):
+            members += [(f"img{i:06d}.png", png_bytes(images[i])), (f"img{i:06d}.cls", str(int(labels[i])).encode())]
+        paths.append(write_tar(folder / f"shard-{s:04d}.tar", members))
+    return paths
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory, fmnist) -> Path:
+    images, labels = fmnist
+    folder = tmp_path_factory.mktemp("shards")
+    write_shards(folder, images, labels, 4)
+    return folder
+
+
+def part_hashes(out: Path) -> dict:
+    m = json.loads((out / "_manifest.json").read_text())
+    return {u: (c["part"], c["sha256"], c["rows"]) for u, c in m["committed"].items()}
+
+

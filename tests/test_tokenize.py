@@ -16,52 +16,12 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import png_bomb_header, png_bytes, run_cli, write_tar
-from vqtok import ConfigError, DataError, TokenDataset, Tokenizer, VQVAEConfig, tokenize
-from vqtok.models import VQVAE
+from conftest import PER_SHARD, make_bundle, part_hashes, png_bomb_header, png_bytes, run_cli, write_shards, write_tar
+from vqtok import ConfigError, DataError, TokenDataset, Tokenizer, tokenize
 from vqtok.pipeline import plan
-from vqtok.pipeline.sources import list_units
-
-TINY = VQVAEConfig(width=32, code_dim=16, codebook_size=32, res_blocks=1)
-PER_SHARD = 150
 
 
-def make_bundle(path: Path, seed: int) -> Path:
-    import torch
-
-    torch.manual_seed(seed)
-    model = VQVAE(TINY)
-    with torch.no_grad():  # a spread-out random codebook, so tokens vary from image to image
-        model.quantizer.codebook.normal_()
-    Tokenizer(model).save(path)
-    return path
-
-
-@pytest.fixture(scope="session")
-def bundle(tmp_path_factory) -> Path:
-    return make_bundle(tmp_path_factory.mktemp("tok") / "tokenizer", seed=0)
-
-
-def write_shards(folder: Path, images, labels, n_shards: int, per: int = PER_SHARD, start: int = 0) -> list[Path]:
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for s in range(start, start + n_shards):
-        members = []
-        for i in range(s * per, (s + 1) * per):
-            members += [(f"img{i:06d}.png", png_bytes(images[i])), (f"img{i:06d}.cls", str(int(labels[i])).encode())]
-        paths.append(write_tar(folder / f"shard-{s:04d}.tar", members))
-    return paths
-
-
-@pytest.fixture(scope="session")
-def shards(tmp_path_factory, fmnist) -> Path:
-    images, labels = fmnist
-    folder = tmp_path_factory.mktemp("shards")
-    write_shards(folder, images, labels, 4)
-    return folder
-
-
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_local():
     from vqtok.jobs._ray import init_ray
 
@@ -80,11 +40,6 @@ def expected_rows(bundle: Path, images, labels, n_shards: int, batch: int):
         grids.append(tok.encode(images[list(idx)], batch_size=batch).numpy())
         labs += [int(labels[i]) for i in idx]
     return keys, np.concatenate(grids), labs
-
-
-def part_hashes(out: Path) -> dict:
-    m = json.loads((out / "_manifest.json").read_text())
-    return {u: (c["part"], c["sha256"], c["rows"]) for u, c in m["committed"].items()}
 
 
 def test_tokens_equal_tokenizer_encode_and_read_back_with_plain_pyarrow(tmp_path, bundle, shards, fmnist, ray_local):
@@ -365,3 +320,61 @@ def test_encoder_actor_killed_mid_job_the_job_finishes_exactly(tmp_path, bundle,
     assert at_kill < 20, "the job ended before the kill; nothing was tested"
     assert part_hashes(out) == part_hashes(clean_run)
     assert "10,000 rows in 20 parts" in log
+
+
+# ----------------------------------------------------------------------------------------------
+# Object store: a real S3-compatible server (moto) on 127.0.0.1
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def s3_env():
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import boto3
+
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="vqtok")
+    yield env
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    server.stop()
+
+
+@pytest.mark.slow
+def test_s3_input_bundle_and_output(tmp_path, bundle, shards, s3_env):
+    import fsspec
+
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    for p in sorted(shards.glob("*.tar")):
+        fs.put_file(str(p), f"vqtok/shards/{p.name}")
+    for name in ("config.json", "model.safetensors"):
+        fs.put_file(str(bundle / name), f"vqtok/tok/{name}")
+
+    args = ["--tokenizer", "s3://vqtok/tok", "--data", "s3://vqtok/shards/shard-{0000..0003}.tar", "--batch-size", "64"]
+    r = run_cli("tokenize", *args, "--out", "s3://vqtok/tokens")
+    assert r.returncode == 0, r.stdout + r.stderr
+    local = tmp_path / "local"
+    r = run_cli("tokenize", *args[2:], "--tokenizer", str(bundle), "--out", str(local))
+    assert r.returncode == 0, r.stderr
+
+    remote = TokenDataset("s3://vqtok/tokens")
+    assert remote.num_rows == 4 * PER_SHARD and remote.verify() == []
+    a, b = remote.to_table(), TokenDataset(local).to_table()
+    assert a.column("tokens").equals(b.column("tokens")) and a.column("key").equals(b.column("key"))
+    assert a.column("source").to_pylist()[0] == "s3://vqtok/shards/shard-0000.tar"
+    assert not fs.exists("vqtok/tokens/_staging"), "object stores take one PUT per part, no staging"
+
+    r = run_cli("tokenize", *args, "--out", "s3://vqtok/tokens")  # same command again: nothing to do
+    assert r.returncode == 0 and "nothing to do" in r.stdout, r.stdout + r.stderr

@@ -1,0 +1,62 @@
+"""Against a real Ray cluster started with `ray start --head` on 127.0.0.1: `--address`, and the
+job module submitted with `ray job submit` (what users run on a cluster)."""
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import run_cli
+from conftest import PER_SHARD, part_hashes
+
+BIN = Path(sys.executable).parent
+pytestmark = pytest.mark.slow  # a cluster start/stop and three jobs: about half a minute
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head node on loopback; yields (GCS address, dashboard URL, env for clients)."""
+    gcs, dash = free_port(), free_port()
+    env = dict(os.environ, PATH=f"{BIN}:{os.environ['PATH']}", RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
+    env.pop("RAY_ADDRESS", None)
+    start = subprocess.run(
+        [str(BIN / "ray"), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash), "--num-cpus", "2", "--disable-usage-stats"],
+        capture_output=True, text=True, env=env, timeout=120)
+    assert start.returncode == 0, start.stdout + start.stderr
+    yield f"127.0.0.1:{gcs}", f"http://127.0.0.1:{dash}", env
+    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def test_tokenize_on_an_existing_cluster_with_address(tmp_path, cluster, bundle, shards):
+    address, _, env = cluster
+    out = tmp_path / "tokens"
+    r = subprocess.run([str(BIN / "vqtok"), "tokenize", "--tokenizer", str(bundle), "--data", str(shards),
+                        "--out", str(out), "--batch-size", "64", "--address", address, "--workers", "2"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    local = tmp_path / "local"
+    assert run_cli("tokenize", "--tokenizer", str(bundle), "--data", str(shards), "--out", str(local),
+                   "--batch-size", "64").returncode == 0
+    assert part_hashes(out) == part_hashes(local)
+
+
+def test_ray_job_submit_runs_the_job_module(tmp_path, cluster, bundle, shards):
+    _, dashboard, env = cluster
+    out = tmp_path / "tokens"
+    r = subprocess.run(
+        [str(BIN / "ray"), "job", "submit", "--address", dashboard, "--",
+         sys.executable, "-m", "vqtok.jobs.tokenize", "--tokenizer", str(bundle), "--data", str(shards),
+         "--out", str(out), "--batch-size", "64"],
+        capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "succeeded" in r.stdout and f"{4 * PER_SHARD:,} rows in 4 parts" in r.stdout, r.stdout
+    assert "RuntimeWarning" not in r.stdout + r.stderr
