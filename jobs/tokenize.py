@@ -77,7 +77,8 @@ class TokenizeResult:
     units_skipped: int  # already committed before this run
     images_run: int  # rows written by this run
     seconds: float
-    images_per_s: float
+    images_per_s: float  # images_run / seconds: the whole command, Ray start-up included
+    stream_seconds: float = 0.0  # from the Ray pipeline's start to the last commit
     failure_examples: list[Failure] = field(default_factory=list)
 
 
@@ -109,17 +110,18 @@ def run(cfg: TokenizeConfig) -> TokenizeResult:
     say(f"vqtok tokenize: {len(units)} input units from {', '.join(cfg.data)}; {skipped} already committed in "
         f"{cfg.out}, {len(pending)} to do (tokenizer {tok.id[:12]}, grid {tok.grid[0]}x{tok.grid[1]}, K={meta['codebook_size']})",
         flush=True)
-    images_run, examples = 0, []
+    images_run, examples, stream_seconds = 0, [], 0.0
     if pending:
-        images_run, examples = _stream(cfg, bundle, tok, meta, output, pending, len(units), say, t0)
+        images_run, examples, stream_seconds = _stream(cfg, bundle, tok, meta, output, pending, len(units), say, t0)
     seconds = time.time() - t0
     result = _result(cfg, output, len(units), len(pending), skipped, images_run, seconds, examples)
+    result.stream_seconds = stream_seconds
     _check_failures(output, cfg, final=True)
     say(_summary(result), flush=True)
     return result
 
 
-def _stream(cfg, bundle, tok, meta, output: TokenOutput, pending, n_units, say, t0) -> tuple[int, list[Failure]]:
+def _stream(cfg, bundle, tok, meta, output: TokenOutput, pending, n_units, say, t0) -> tuple[int, list[Failure], float]:
     ray = init_ray(cfg.address)
     check_resources(ray, workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker)
     on_gpu = cfg.gpus_per_worker > 0
@@ -161,7 +163,7 @@ def _stream(cfg, bundle, tok, meta, output: TokenOutput, pending, n_units, say, 
     if assembler.in_flight:
         raise RuntimeError(f"{assembler.in_flight} units did not complete; re-run the same command to finish them")
     say(_progress(done_units, len(pending), images, time.time() - t_start, output), flush=True)
-    return images, examples
+    return images, examples, time.time() - t_start
 
 
 class _StoredBundle:
