@@ -1,6 +1,7 @@
 """Corpus sources: URL patterns -> sorted units of work -> raw samples.
 
-A unit is one input shard or file (a WebDataset tar, an IDX file, a chunk of an image folder).
+A unit is one input shard or file (a WebDataset tar, a Parquet file with an image-bytes column,
+an IDX file, a chunk of an image folder).
 Units are listed and sorted on the driver; everything downstream is a function of that list.
 
     units = list_units(["/data/train-{000000..000099}.tar", "s3://bucket/more/*.tar"])
@@ -29,6 +30,12 @@ from .errors import DataError
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+PARQUET_SUFFIXES = (".parquet", ".pq")
+# Parquet inputs: the first column found by these names (image: binary, or a struct with a
+# "bytes" field as Hugging Face datasets write images; key: any type; label: integer)
+PARQUET_IMAGE_COLUMNS = ("image", "img", "png", "jpg", "jpeg", "webp", "image_bytes", "bytes")
+PARQUET_KEY_COLUMNS = ("key", "__key__", "id", "name", "path")
+PARQUET_LABEL_COLUMNS = ("label", "cls", "labels", "class")
 IDX_IMAGES = re.compile(r"idx3-ubyte(\.gz)?$")
 FOLDER_UNIT_SIZE = 1000  # image files per unit when reading an image folder
 _GLOB_CHARS = re.compile(r"[*?\[]")
@@ -37,7 +44,7 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 @dataclass(frozen=True)
 class Unit:
     url: str  # the shard or file; for a folder chunk, the folder and the chunk number
-    kind: str  # "tar" | "idx" | "files"
+    kind: str  # "tar" | "idx" | "files" | "parquet"
     files: tuple[str, ...] = ()  # "files": the image files of this chunk
     labels: tuple[int | None, ...] = ()  # "files": the label of each file (from its parent folder)
     labels_url: str | None = None  # "idx": the matching labels file, when there is one
@@ -113,7 +120,7 @@ def list_units(data: str | Sequence[str], *, folder_unit_size: int = FOLDER_UNIT
             raise DataError(
                 f"input pattern {pattern!r} matches no input: check the path (brace ranges look like "
                 f"train-{{000000..000099}}.tar; globs like shards/*.tar), or that the directory holds "
-                f".tar shards, IDX files or images ({', '.join(IMAGE_EXTS)})"
+                f".tar shards, Parquet files, IDX files or images ({', '.join(IMAGE_EXTS)})"
             )
     return sorted(units.values(), key=lambda u: u.url)
 
@@ -139,11 +146,12 @@ def _classify(files: list[str], folder_unit_size: int, base: str | None) -> list
     idx = [f for f in files if IDX_IMAGES.search(f)]
     images = [f for f in files if _ext(f) in IMAGE_EXTS]
     units = [Unit(url=f, kind="tar") for f in tars]
+    units += [Unit(url=f, kind="parquet") for f in files if f.endswith(PARQUET_SUFFIXES)]
     for f in idx:
         labels = re.sub(r"images-idx3", "labels-idx1", f)
         labels = labels.replace("idx3-ubyte", "idx1-ubyte")
         units.append(Unit(url=f, kind="idx", labels_url=labels if labels != f and _exists(labels) else None))
-    if images and not tars and not idx:
+    if images and len(units) == 0:
         units += _folder_units(images, folder_unit_size, base)
     return units
 
@@ -189,6 +197,8 @@ def iter_unit(unit: Unit, on_failure: Callable[[Failure], None]) -> Iterator[Raw
         yield from _iter_idx(unit, on_failure)
     elif unit.kind == "files":
         yield from _iter_files(unit, on_failure)
+    elif unit.kind == "parquet":
+        yield from _iter_parquet(unit, on_failure)
     else:
         raise DataError(f"unknown unit kind {unit.kind!r} for {unit.url}")
 
@@ -239,6 +249,52 @@ def _iter_tar(unit: Unit, on_failure) -> Iterator[RawSample]:
     except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as e:
         # truncated or corrupt archive (or a duplicate member name): keep what was read, report the rest
         on_failure(Failure(f"<after {n} samples>", unit.url, f"unreadable tar ({type(e).__name__}: {e})"))
+
+
+def _parquet_columns(schema) -> tuple[str | None, str | None, str | None]:
+    import pyarrow as pa
+
+    names = {n.lower(): n for n in schema.names}
+
+    def first(candidates, ok):
+        return next((names[c] for c in candidates if c in names and ok(schema.field(names[c]).type)), None)
+
+    is_image = lambda t: (pa.types.is_binary(t) or pa.types.is_large_binary(t)  # noqa: E731
+                          or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0))
+    return (first(PARQUET_IMAGE_COLUMNS, is_image), first(PARQUET_KEY_COLUMNS, lambda t: True),
+            first(PARQUET_LABEL_COLUMNS, pa.types.is_integer))
+
+
+def _iter_parquet(unit: Unit, on_failure) -> Iterator[RawSample]:
+    import pyarrow.parquet as pq
+
+    stem = posixpath.basename(unit.url).rsplit(".", 1)[0]
+    row = 0
+    try:
+        with fsspec.open(unit.url, "rb") as f:
+            pf = pq.ParquetFile(f)
+            image, key, label = _parquet_columns(pf.schema_arrow)
+            if image is None:
+                on_failure(Failure("<file>", unit.url, f"no image column: expected a binary column named one of "
+                                   f"{', '.join(PARQUET_IMAGE_COLUMNS)} (found {', '.join(pf.schema_arrow.names)})"))
+                return
+            columns = [c for c in (image, key, label) if c]
+            for batch in pf.iter_batches(batch_size=256, columns=columns):
+                col = batch.column(image)
+                if hasattr(col.type, "get_field_index"):  # struct<bytes, path>
+                    col = col.field("bytes")
+                datas = col.to_pylist()
+                keys = batch.column(key).to_pylist() if key else [None] * len(datas)
+                labels = batch.column(label).to_pylist() if label else [None] * len(datas)
+                for data, k, lab in zip(datas, keys, labels):
+                    k = f"{stem}/{row:08d}" if k is None else str(k)
+                    row += 1
+                    if data is None:
+                        on_failure(Failure(k, unit.url, "null image bytes"))
+                        continue
+                    yield RawSample(key=k, data=data, label=lab, unit=unit.url)
+    except Exception as e:  # a corrupt or truncated file: keep what was read, report the rest
+        on_failure(Failure(f"<after {row} rows>", unit.url, f"unreadable Parquet file ({type(e).__name__}: {e})"))
 
 
 def read_idx(url: str) -> np.ndarray:

@@ -1,12 +1,14 @@
 """Corpus sources on real files: WebDataset shards, image folders, IDX; bad inputs reported."""
 import tarfile
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from conftest import SAMPLE_DIR, SAMPLE_IMAGES, png_bomb_header, png_bytes, write_tar
 from vqtok import DataError, Preprocess, convert
-from vqtok.pipeline.decode import DecodeError, decode_image
+from vqtok.pipeline.decode import DecodeError, decode_image, decode_sample
 from vqtok.pipeline.sources import FailureLog, iter_unit, list_units, split_patterns
 from vqtok.pipeline.stream import ImageStream
 
@@ -148,3 +150,31 @@ def test_ranks_split_the_single_process_stream_exactly(tmp_path):
         s = ImageStream(units, PRE, seed=1, rank=r, world_size=2, failures=FailureLog(verbose=False))
         seen.append([k for b in s.batches(500, epochs=1, drop_last=False) for k in b.keys])
     assert not set(seen[0]) & set(seen[1]) and len(seen[0]) + len(seen[1]) == 10_000
+
+
+def test_parquet_files_with_image_bytes(tmp_path, fmnist):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images, labels = fmnist
+    plain = pa.table({"key": [f"k{i}" for i in range(5)], "image": [png_bytes(images[i]) for i in range(4)] + [b"junk"],
+                      "label": pa.array([int(x) for x in labels[:5]], pa.int64())})
+    pq.write_table(plain, tmp_path / "a.parquet", row_group_size=2)
+    # Hugging Face datasets' layout: image is struct<bytes, path>, no key column
+    hf = pa.table({"image": pa.array([{"bytes": png_bytes(images[i]), "path": None} for i in range(5, 8)]),
+                   "labels": pa.array([1, 2, 3], pa.int32())})
+    pq.write_table(hf, tmp_path / "b.parquet")
+    pq.write_table(pa.table({"text": ["no images here"]}), tmp_path / "c.parquet")
+
+    units = list_units(str(tmp_path))
+    assert [(Path(u.url).name, u.kind) for u in units] == [("a.parquet", "parquet"), ("b.parquet", "parquet"),
+                                                           ("c.parquet", "parquet")]
+    failures = []
+    samples = [s for u in units for s in iter_unit(u, failures.append)]
+    assert [s.key for s in samples] == ["k0", "k1", "k2", "k3", "k4", "b/00000000", "b/00000001", "b/00000002"]
+    assert [s.label for s in samples] == [int(x) for x in labels[:5]] + [1, 2, 3]
+    pre = Preprocess(image_size=28, channels=1)
+    np.testing.assert_array_equal(decode_sample(samples[6], pre)[..., 0], images[6])
+    with pytest.raises(DecodeError, match="not an image"):
+        decode_sample(samples[4], pre)
+    assert len(failures) == 1 and "no image column" in failures[0].reason and "text" in failures[0].reason

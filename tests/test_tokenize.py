@@ -72,6 +72,32 @@ def test_tokens_equal_tokenizer_encode_and_read_back_with_plain_pyarrow(tmp_path
     np.testing.assert_array_equal(streamed, grids)
 
 
+def test_parquet_and_idx_inputs(tmp_path, bundle, fmnist, ray_local):
+    import pyarrow as pa
+
+    images, labels = fmnist
+    data = tmp_path / "data"
+    data.mkdir()
+    pq.write_table(pa.table({"image": [png_bytes(images[i]) for i in range(100)],
+                             "label": pa.array(labels[:100].astype(np.int64))}), data / "part-a.parquet")
+    out = tmp_path / "tokens"
+    r = tokenize(bundle, str(data / "*.parquet"), out, batch_size=32, verbose=False)
+    assert r.rows == 100
+    tokens, got = TokenDataset(out).to_numpy()
+    np.testing.assert_array_equal(tokens, Tokenizer.load(bundle).encode(images[:100], batch_size=32).numpy())
+    assert got.tolist() == labels[:100].tolist()
+    assert TokenDataset(out).to_table().column("key").to_pylist()[:2] == ["part-a/00000000", "part-a/00000001"]
+
+    # the bundled IDX sample is one unit of 10,000 images, labels from the labels file beside it
+    from conftest import SAMPLE_DIR
+
+    r = tokenize(bundle, str(SAMPLE_DIR), tmp_path / "idx", verbose=False)
+    assert (r.rows, r.parts) == (10_000, 1)
+    tokens, got = TokenDataset(tmp_path / "idx").to_numpy()
+    np.testing.assert_array_equal(tokens[:256], Tokenizer.load(bundle).encode(images[:256], batch_size=256).numpy())
+    assert got.tolist() == labels.tolist()
+
+
 def test_one_and_two_workers_write_identical_datasets(tmp_path, bundle, shards, ray_local):
     one, two = tmp_path / "one", tmp_path / "two"
     tokenize(bundle, str(shards), one, batch_size=32, workers=1, verbose=False)
