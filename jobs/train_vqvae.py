@@ -3,11 +3,14 @@
     cfg = TrainConfig(data=["shards/*.tar"], out="runs/tok", steps=5000)
     result = train_vqvae(cfg)        # -> result.tokenizer_dir, result.metrics
 
-One process for now. The loop is `train_worker(cfg, ctx)`, where ctx says which rank this is and
-on which device it runs: a Ray Train worker wraps it without a rewrite (data is sharded by rank, the
-quantizer syncs its codebook statistics through torch.distributed, rank 0 writes checkpoints).
+One process by default; with `--workers N` (or `--address`) the same loop runs as N Ray Train
+workers under TorchTrainer: DDP (gloo on CPU, NCCL on GPU), the global batch split across ranks,
+data sharded by rank, codebook statistics all-reduced and random draws broadcast from rank 0 so the
+replicas' codebooks stay identical (checked at the end), checkpoints reported to Ray Train under
+RUN_DIR/ray_train, and a killed worker restarted from the last checkpoint (FailureConfig).
 
-Re-running the same command resumes from the newest checkpoint in RUN_DIR/checkpoints and says so.
+Re-running the same command resumes from the newest checkpoint (RUN_DIR/checkpoints in one process,
+RUN_DIR/ray_train on Ray) and says so.
 At the end RUN_DIR holds tokenizer/ (the bundle), config.json (the resolved config),
 metrics.json, reconstructions.png and codebook_usage.png.
 """
@@ -32,6 +35,7 @@ from ..pipeline.evaluate import evaluate, save_eval_pictures
 from ..pipeline.progress import Progress, fmt_duration
 from ..pipeline.sources import FailureLog, Unit, list_units, split_patterns
 from ..pipeline.stream import ImageStream, prefetch
+from ._ray import check_address, check_resources, init_ray
 
 
 @dataclass(kw_only=True)
@@ -55,7 +59,12 @@ class TrainConfig:
     max_image_pixels: int = DEFAULT_MAX_PIXELS
     max_failure_fraction: float = 0.1  # fail the run when more of the inputs than this are bad
     device: str = "auto"  # "auto" (cuda when available), "cpu", "cuda", "cuda:1", ...
-    threads: int = 0  # torch CPU threads (0: torch's default)
+    threads: int = 0  # torch CPU threads (0: torch's default; on Ray, the worker's CPUs)
+    workers: int = 1  # Ray Train workers; 1 without --address trains in this process
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float = 1.0
+    address: str | None = None  # Ray cluster; None: RAY_ADDRESS or an embedded local Ray
+    max_failures: int = 3  # worker-group restarts Ray Train makes before giving up
 
     def __post_init__(self):
         if isinstance(self.model, dict):
@@ -80,6 +89,12 @@ class TrainConfig:
             raise ConfigError(f"min_lr_ratio {self.min_lr_ratio}: must be in [0, 1]")
         if not 0 <= self.max_failure_fraction <= 1:
             raise ConfigError(f"--max-failure-fraction {self.max_failure_fraction}: must be in [0, 1]")
+        if self.workers < 1 or self.max_failures < 0 or self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
+            raise ConfigError("--workers must be at least 1, --max-failures and --gpus-per-worker not negative, "
+                              "--cpus-per-worker positive")
+        if self.batch_size % self.workers:
+            raise ConfigError(f"--batch-size {self.batch_size} is the global batch and must split evenly over "
+                              f"--workers {self.workers} (e.g. {self.batch_size // self.workers * self.workers or self.workers})")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ConfigError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
 
@@ -103,6 +118,41 @@ class WorkerContext:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    # checkpoints: RUN_DIR/checkpoints in one process; RayWorkerContext goes through Ray Train
+    def latest_state(self, run_dir: Path) -> tuple[dict | None, str]:
+        ckpt = latest_checkpoint(run_dir)
+        return (load_checkpoint(ckpt), str(ckpt)) if ckpt is not None else (None, "")
+
+    def save_state(self, run_dir: Path, step: int, state: dict, keep: int, metrics: dict) -> None:
+        if self.is_main:
+            save_checkpoint(run_dir, step, state, keep=keep)
+
+
+class RayWorkerContext(WorkerContext):
+    """A Ray Train worker: checkpoints are reported to Ray Train (every rank reports; rank 0 attaches
+    the state) and come back from it after a worker failure or a re-run of the same command."""
+
+    def latest_state(self, run_dir: Path) -> tuple[dict | None, str]:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:  # nothing in RUN_DIR/ray_train: maybe a one-process run to continue
+            return super().latest_state(run_dir)
+        with ckpt.as_directory() as d:
+            return load_checkpoint(Path(d) / "state.pt"), ckpt.path
+
+    def save_state(self, run_dir: Path, step: int, state: dict, keep: int, metrics: dict) -> None:
+        import tempfile
+
+        import ray.train
+
+        if not self.is_main:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as d:
+            torch.save(state, Path(d) / "state.pt")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 @dataclass
@@ -149,14 +199,72 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 # ----------------------------------------------------------------------------------------------
 def train_vqvae(cfg: TrainConfig) -> TrainResult:
-    """Validate everything, then train in this process (rank 0 of 1)."""
+    """Validate everything, then train: in this process, or on Ray Train with --workers/--address."""
+    on_ray = cfg.workers > 1 or cfg.address is not None
+    if on_ray:
+        check_address(cfg.address)
     run_dir = check_output_dir(cfg.out)
     # Units are listed once, here on the driver: a pattern that matches nothing fails before any
     # model is built, and workers get the same sorted list.
     units = list_units(cfg.data)
     val_units = list_units(cfg.val_data) if cfg.val_data else None
+    if on_ray:
+        return _train_on_ray(cfg, run_dir, units, val_units)
     device = resolve_device(cfg.device)
     return train_worker(cfg, WorkerContext(device=device), run_dir, units, val_units)
+
+
+def _train_on_ray(cfg: TrainConfig, run_dir: Path, units: list[Unit], val_units: list[Unit] | None) -> TrainResult:
+    ray = init_ray(cfg.address)
+    check_resources(ray, workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker)
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})
+    print(f"vqtok: training on Ray Train with {cfg.workers} workers ({'GPU' if cfg.gpus_per_worker else 'CPU'}, "
+          f"{cfg.batch_size // cfg.workers} images per worker per step); checkpoints in {run_dir / RAY_TRAIN_NAME}",
+          flush=True)
+    trainer = TorchTrainer(
+        _ray_train_loop,
+        train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run_dir.resolve()), "units": units,
+                           "val_units": val_units},
+        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=RAY_TRAIN_NAME, storage_path=str(run_dir.resolve()),
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+    )
+    trainer.fit()  # raises when the run fails for good (after max_failures restarts)
+    # rank 0 wrote the bundle, metrics and pictures into RUN_DIR (shared storage on a multi-node cluster)
+    import json
+
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    return TrainResult(str(run_dir), str(run_dir / "tokenizer"), metrics["tokenizer_id"], metrics,
+                       str(run_dir / "reconstructions.png"), str(run_dir / "codebook_usage.png"),
+                       metrics.get("resumed_from"))
+
+
+RAY_TRAIN_NAME = "ray_train"
+
+
+def _ray_train_loop(config: dict) -> None:
+    import logging
+    import warnings
+
+    import ray.train
+    import ray.train.torch
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # vqtok prints its own progress
+    warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated")
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
+
+    cfg = TrainConfig.from_dict(config["cfg"])
+    tc = ray.train.get_context()
+    device = str(ray.train.torch.get_device())
+    ctx = RayWorkerContext(rank=tc.get_world_rank(), world_size=tc.get_world_size(), device=device)
+    train_worker(cfg, ctx, Path(config["run_dir"]), config["units"], config["val_units"])
 
 
 def train_worker(cfg: TrainConfig, ctx: WorkerContext, run_dir: Path, units: list[Unit],
@@ -168,18 +276,22 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, run_dir: Path, units: lis
     preprocess = Preprocess(image_size=mc.image_size, channels=mc.channels)
     model = VQVAE(mc).to(ctx.device)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=cfg.weight_decay)
+    per_rank_batch = cfg.batch_size // ctx.world_size
 
     step, consumed, resumed_from = 0, 0, None
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is not None:
-        state = load_checkpoint(ckpt)
+    state, where = ctx.latest_state(run_dir)
+    if state is not None:
         _check_same_model(state["config"]["model"], mc, run_dir)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
-        step, consumed, resumed_from = int(state["step"]), int(state["consumed"]), int(state["step"])
+        step, resumed_from = int(state["step"]), int(state["step"])
+        consumed = _resume_position(state, ctx)
         if ctx.is_main:
-            print(f"vqtok: resumed from step {step} ({ckpt})", flush=True)
+            print(f"vqtok: resumed from step {step} ({where})", flush=True)
+    # DDP averages gradients over ranks; the quantizer keeps its own buffers in sync (all-reduced
+    # statistics, rank-0 draws), so DDP must not overwrite them with rank 0's every step
+    net = model if ctx.world_size == 1 else torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
     if ctx.is_main:
         save_json(cfg.to_dict(), run_dir / "config.json")
 
@@ -187,13 +299,14 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, run_dir: Path, units: lis
     stream = ImageStream(units, preprocess, seed=cfg.seed, rank=ctx.rank,
                          world_size=ctx.world_size, shuffle_buffer=cfg.shuffle_buffer,
                          max_pixels=cfg.max_image_pixels, failures=failures)
-    batches = prefetch(stream.batches(cfg.batch_size, skip=consumed))
+    batches = prefetch(stream.batches(per_rank_batch, skip=consumed))
     use_bf16 = torch.device(ctx.device).type == "cuda"
     progress = Progress(cfg.steps, start_step=step, every=cfg.log_every)
     if ctx.is_main:
         print(f"vqtok: training {_describe(model, mc)} on {ctx.device} for {cfg.steps} steps "
               f"(batch {cfg.batch_size}); run directory {run_dir}", flush=True)
     t0 = time.time()
+    history: list[dict] = []  # rank 0's loss at every progress line: the curve, in metrics.json
     model.train()
     while step < cfg.steps:
         batch = next(batches)
@@ -201,7 +314,7 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, run_dir: Path, units: lis
         for g in opt.param_groups:
             g["lr"] = lr_at(step, cfg)
         with torch.autocast(device_type=torch.device(ctx.device).type, dtype=torch.bfloat16, enabled=use_bf16):
-            recon, q = model(x)
+            recon, q = net(x)
         recon_loss = F.mse_loss(recon.float(), x)
         loss = recon_loss + q.loss
         opt.zero_grad(set_to_none=True)
@@ -213,25 +326,74 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, run_dir: Path, units: lis
         consumed = batch.consumed
         _check_failures(failures, consumed, cfg)
         if ctx.is_main:
-            progress.update(step, len(x), loss=loss.item(), mse=recon_loss.item() / 4,
+            if step % progress.every == 0 or step == cfg.steps:
+                history.append({"step": step, "loss": loss.item(), "mse": recon_loss.item() / 4})
+            progress.update(step, len(x) * ctx.world_size, loss=loss.item(), mse=recon_loss.item() / 4,
                             commit=q.commitment_loss.item(), ppl=q.perplexity.item(),
                             usage=model.quantizer.usage())
-        if ctx.is_main and (step % cfg.checkpoint_every == 0 or step == cfg.steps):
-            save_checkpoint(run_dir, step, {
-                "step": step, "consumed": consumed, "model": model.state_dict(),
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            by_rank = _gather_ints(consumed, ctx)
+            ctx.save_state(run_dir, step, {
+                "step": step, "consumed": consumed, "consumed_by_rank": by_rank, "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "config": cfg.to_dict(),
-            }, keep=cfg.keep_checkpoints)
+            }, keep=cfg.keep_checkpoints, metrics={"step": step, "loss": float(loss.item())})
     batches.close()  # stops the prefetch thread
     train_seconds = time.time() - t0
     train_metrics = dict(progress.last)
+    in_sync = _replicas_in_sync(model, ctx)
     if not ctx.is_main:
         return None  # type: ignore[return-value]
+    train_metrics["history"] = history
     return _finish(cfg, model, run_dir, val_units or units, train_metrics, train_seconds, failures,
-                   resumed_from, ctx)
+                   resumed_from, ctx, in_sync)
+
+
+def _gather_ints(value: int, ctx: WorkerContext) -> list[int]:
+    if ctx.world_size == 1:
+        return [value]
+    import torch.distributed as dist
+
+    out = [None] * ctx.world_size
+    dist.all_gather_object(out, int(value))
+    return [int(v) for v in out]
+
+
+def _resume_position(state: dict, ctx: WorkerContext) -> int:
+    """Raw samples this rank had read at the checkpoint. Resuming with another worker count
+    cannot place every rank exactly: it restarts each rank at its share of the total read."""
+    by_rank = state.get("consumed_by_rank") or [int(state["consumed"])]
+    if len(by_rank) == ctx.world_size:
+        return int(by_rank[ctx.rank])
+    if ctx.is_main:
+        print(f"vqtok: the checkpoint was written by {len(by_rank)} worker(s), this run has {ctx.world_size}: "
+              f"data order restarts from each rank's share of the {sum(by_rank)} samples read", flush=True)
+    return sum(by_rank) // ctx.world_size
+
+
+def _replicas_in_sync(model, ctx: WorkerContext) -> bool | None:
+    """After training on several ranks: are the codebooks (and the rest of the quantizer's state)
+    bitwise identical on every rank? They must be; a mismatch is a bug and fails the run."""
+    if ctx.world_size == 1:
+        return None
+    import hashlib
+
+    q = model.quantizer
+    h = hashlib.sha256()
+    for name in ("codebook", "ema_count", "ema_sum", "usage_ring"):
+        t = getattr(q, name, None)
+        if t is not None:
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    digests = [None] * ctx.world_size
+    import torch.distributed as dist
+
+    dist.all_gather_object(digests, h.hexdigest())
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"codebook replicas diverged across ranks (digests {digests}); please report this")
+    return True
 
 
 def _finish(cfg, model, run_dir: Path, eval_units, train_metrics, train_seconds, failures, resumed_from,
-            ctx) -> TrainResult:
+            ctx, in_sync: bool | None = None) -> TrainResult:
     """Export the bundle, evaluate, draw the pictures, write metrics.json."""
     tokenizer = Tokenizer(model.cpu())
     tok_dir = run_dir / "tokenizer"
@@ -250,6 +412,9 @@ def _finish(cfg, model, run_dir: Path, eval_units, train_metrics, train_seconds,
         "train_seconds_this_run": train_seconds,
         "skipped_inputs": failures.count,
         "tokenizer_id": tok_id,
+        "workers": ctx.world_size,
+        "replicas_in_sync": in_sync,
+        "resumed_from": resumed_from,
     }
     save_json(metrics, run_dir / "metrics.json")
     m = result.metrics
@@ -316,7 +481,12 @@ TRAIN_FLAGS = {
     "max_failure_fraction": (float, "fail when more of the inputs than this are bad (default 0.1)"),
     "max_image_pixels": (int, "refuse larger images as decompression bombs (default 64 Mpx)"),
     "device": (str, "auto (default: CUDA when present), cpu, cuda, cuda:N"),
-    "threads": (int, "torch CPU threads (default: torch's choice)"),
+    "threads": (int, "torch CPU threads (default: torch's choice; on Ray, the worker's CPUs)"),
+    "workers": (int, "Ray Train workers (default 1: train in this process); --batch-size is split over them"),
+    "gpus_per_worker": (float, "GPUs per Ray Train worker (default 0: CPU workers with gloo)"),
+    "cpus_per_worker": (float, "CPUs per Ray Train worker (default 1)"),
+    "address": (str, "Ray cluster HOST:PORT or auto (default: RAY_ADDRESS, else an embedded local Ray)"),
+    "max_failures": (int, "worker-group restarts from the last checkpoint before failing (default 3)"),
 }
 
 
