@@ -42,3 +42,92 @@ def test_two_workers_track_one_worker_with_identical_codebooks(tmp_path):
           f"final mse {m1['train_eval']['mse']:.5f} (1 worker) vs {m2['train_eval']['mse']:.5f} (2 workers)")
     assert rel < 0.15
     assert abs(m2["train_eval"]["mse"] - m1["train_eval"]["mse"]) / m1["train_eval"]["mse"] < 0.20
+
+
+def start_training(out: Path, *extra: str) -> subprocess.Popen:
+    """The CLI in its own process group, its output to OUT.log (a pipe nobody reads could fill)."""
+    exe = Path(sys.executable).with_name("vqtok")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    log = open(out.parent / f"{out.name}.log", "w")
+    return subprocess.Popen(
+        [str(exe), "train-vqvae", "--data", str(SAMPLE_DIR), "--out", str(out), "--steps", "600", "--batch-size", "32",
+         "--checkpoint-every", "50", *FAST, *extra],
+        stdout=log, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+        env=dict(os.environ, PYTHONUNBUFFERED="1"))
+
+
+def registered_step(out: Path) -> int:
+    """The step of the newest checkpoint Ray Train has registered (its directory appears before
+    the registration: a worker killed in between restarts from the previous one)."""
+    try:
+        snapshot = json.loads((out / "ray_train" / "checkpoint_manager_snapshot.json").read_text())
+        return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
+    except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
+        return 0
+
+
+def pids_with(text: str) -> list[int]:
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if text in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(d.name))
+            except OSError:
+                pass
+    return found
+
+
+def wait_for(cond, timeout=180.0):
+    t0 = time.time()
+    while not cond():
+        if time.time() - t0 > timeout:
+            raise TimeoutError("condition not met in time")
+        time.sleep(0.05)
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint_and_the_run_finishes(tmp_path):
+    out = tmp_path / "run"
+    p = start_training(out, "--workers", "2")
+    try:
+        wait_for(lambda: registered_step(out) >= 50 and pids_with("RayTrainWorker"))
+        victim = max(pids_with("RayTrainWorker"))  # one worker process, by PID
+        at_kill = registered_step(out)
+        os.kill(victim, signal.SIGKILL)
+        p.wait(timeout=600)
+        log = (tmp_path / "run.log").read_text()
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert p.returncode == 0, log[-4000:]
+    assert at_kill < 600, "training ended before the kill; nothing was tested"
+    assert "vqtok: resumed from step" in log, "\n".join(l for l in log.splitlines() if "Placement" not in l)[-6000:]
+    m = metrics(out)
+    assert m["steps"] == 600 and m["replicas_in_sync"] is True and m["resumed_from"] is not None
+    assert (out / "tokenizer" / "model.safetensors").exists()
+
+
+def test_a_killed_driver_rerun_resumes_instead_of_starting_over(tmp_path):
+    out = tmp_path / "run"
+    p = start_training(out, "--workers", "2")
+    try:
+        wait_for(lambda: registered_step(out) >= 100)
+        at_kill = registered_step(out)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait()
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)  # the Ray processes the driver started
+        except ProcessLookupError:
+            pass
+    time.sleep(1)
+    r = run_cli("train-vqvae", "--data", str(SAMPLE_DIR), "--out", str(out), "--steps", "600", "--batch-size", "32",
+                "--checkpoint-every", "50", *FAST, "--workers", "2")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    resumed = [int(line.split("resumed from step ")[1].split()[0]) for line in r.stdout.splitlines()
+               if "resumed from step" in line]
+    assert resumed and resumed[0] >= at_kill, r.stdout[-3000:]
+    m = metrics(out)
+    assert m["steps"] == 600 and m["resumed_from"] == resumed[0] and m["replicas_in_sync"] is True
