@@ -27,6 +27,12 @@ FAST = [*TINY_MODEL, "--batch-size", "32", "--log-every", "10", "--warmup-steps"
     (["--data", str(SAMPLE_DIR), "--out", "{out}", "--steps", "0"], "--steps 0"),
     (["--data", str(SAMPLE_DIR), "--out", "/proc/vqtok-cannot-write"], "cannot write there"),
     (["--out", "{out}"], "--data is required"),
+    (["--data", str(SAMPLE_DIR), "--out", "{out}", "--workers", "2", "--batch-size", "63"], "must split evenly"),
+    (["--data", str(SAMPLE_DIR), "--out", "{out}", "--workers", "2", "--address", "127.0.0.1:1"],
+     "nothing answers there"),
+    (["--data", "/no/such/place", "--out", "{out}", "--workers", "2"], "'/no/such/place' matches no input"),
+    (["--data", str(SAMPLE_DIR), "--out", "{out}", "--workers", "2", "--gpus-per-worker", "1"],
+     "needs 2 GPUs but the Ray cluster has 0"),
 ])
 def test_bad_arguments_fail_before_any_work(tmp_path, args, message):
     out = tmp_path / "run"
