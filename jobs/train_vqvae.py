@@ -174,10 +174,26 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def is_url(out: str) -> bool:
+    return "://" in out and not out.startswith("file://")
+
+
+def check_output_url(out: str) -> None:
+    """An object-store RUN_DIR (s3://bucket/run): fail now, naming it, if it cannot be written."""
+    import fsspec
+
+    try:
+        fs, root = fsspec.core.url_to_fs(out)
+        probe = f"{root.rstrip('/')}/.write-test"
+        fs.pipe_file(probe, b"ok")
+        fs.rm_file(probe)
+    except Exception as e:
+        raise ConfigError(f"--out {out}: cannot write there ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          f"check the bucket, credentials and endpoint, or give a local directory") from None
+
+
 def check_output_dir(out: str) -> Path:
     """Create RUN_DIR (or fail now, naming it) before any work starts."""
-    if "://" in out:
-        raise ConfigError(f"--out {out}: train-vqvae writes to a local directory for now; give a local path")
     p = Path(out)
     try:
         p.mkdir(parents=True, exist_ok=True)
@@ -200,10 +216,15 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 # ----------------------------------------------------------------------------------------------
 def train_vqvae(cfg: TrainConfig) -> TrainResult:
     """Validate everything, then train: in this process, or on Ray Train with --workers/--address."""
-    on_ray = cfg.workers > 1 or cfg.address is not None
+    # an object-store --out goes through Ray Train, whose checkpoints live at any pyarrow URL
+    on_ray = cfg.workers > 1 or cfg.address is not None or is_url(cfg.out)
     if on_ray:
         check_address(cfg.address)
-    run_dir = check_output_dir(cfg.out)
+    if is_url(cfg.out):
+        check_output_url(cfg.out)
+        run_dir = None
+    else:
+        run_dir = check_output_dir(cfg.out)
     # Units are listed once, here on the driver: a pattern that matches nothing fails before any
     # model is built, and workers get the same sorted list.
     units = list_units(cfg.data)
@@ -214,24 +235,27 @@ def train_vqvae(cfg: TrainConfig) -> TrainResult:
     return train_worker(cfg, WorkerContext(device=device), run_dir, units, val_units)
 
 
-def _train_on_ray(cfg: TrainConfig, run_dir: Path, units: list[Unit], val_units: list[Unit] | None) -> TrainResult:
+def _train_on_ray(cfg: TrainConfig, run_dir: Path | None, units: list[Unit], val_units: list[Unit] | None) -> TrainResult:
+    """run_dir None: --out is a URL; checkpoints go there through Ray Train, and rank 0 uploads the
+    bundle, metrics and pictures when it is done."""
     ray = init_ray(cfg.address)
     check_resources(ray, workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker)
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})
+    storage = str(run_dir.resolve()) if run_dir is not None else cfg.out.rstrip("/")
     print(f"vqtok: training on Ray Train with {cfg.workers} workers ({'GPU' if cfg.gpus_per_worker else 'CPU'}, "
-          f"{cfg.batch_size // cfg.workers} images per worker per step); checkpoints in {run_dir / RAY_TRAIN_NAME}",
+          f"{cfg.batch_size // cfg.workers} images per worker per step); checkpoints in {storage}/{RAY_TRAIN_NAME}",
           flush=True)
     trainer = TorchTrainer(
         _ray_train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "run_dir": str(run_dir.resolve()), "units": units,
-                           "val_units": val_units},
+        train_loop_config={"cfg": cfg.to_dict(), "run_dir": None if run_dir is None else str(run_dir.resolve()),
+                           "units": units, "val_units": val_units},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(
-            name=RAY_TRAIN_NAME, storage_path=str(run_dir.resolve()),
+            name=RAY_TRAIN_NAME, storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
@@ -240,10 +264,12 @@ def _train_on_ray(cfg: TrainConfig, run_dir: Path, units: list[Unit], val_units:
     # rank 0 wrote the bundle, metrics and pictures into RUN_DIR (shared storage on a multi-node cluster)
     import json
 
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    return TrainResult(str(run_dir), str(run_dir / "tokenizer"), metrics["tokenizer_id"], metrics,
-                       str(run_dir / "reconstructions.png"), str(run_dir / "codebook_usage.png"),
-                       metrics.get("resumed_from"))
+    import fsspec
+
+    with fsspec.open(f"{storage}/metrics.json", "r") as f:
+        metrics = json.load(f)
+    return TrainResult(storage, f"{storage}/tokenizer", metrics["tokenizer_id"], metrics,
+                       f"{storage}/reconstructions.png", f"{storage}/codebook_usage.png", metrics.get("resumed_from"))
 
 
 RAY_TRAIN_NAME = "ray_train"
@@ -264,7 +290,22 @@ def _ray_train_loop(config: dict) -> None:
     tc = ray.train.get_context()
     device = str(ray.train.torch.get_device())
     ctx = RayWorkerContext(rank=tc.get_world_rank(), world_size=tc.get_world_size(), device=device)
-    train_worker(cfg, ctx, Path(config["run_dir"]), config["units"], config["val_units"])
+    if config["run_dir"] is not None:
+        train_worker(cfg, ctx, Path(config["run_dir"]), config["units"], config["val_units"])
+        return
+    import tempfile
+
+    import fsspec
+
+    with tempfile.TemporaryDirectory(prefix="vqtok-run-") as local:  # outputs staged here, then uploaded
+        result = train_worker(cfg, ctx, Path(local), config["units"], config["val_units"])
+        if ctx.is_main and result is not None:
+            fs, root = fsspec.core.url_to_fs(cfg.out)
+            root = root.rstrip("/")
+            for path in sorted(Path(local).rglob("*")):
+                if path.is_file() and "checkpoints" not in path.parts:
+                    fs.put_file(str(path), f"{root}/{path.relative_to(local)}")
+            print(f"vqtok: uploaded the bundle, metrics and pictures to {cfg.out}", flush=True)
 
 
 def train_worker(cfg: TrainConfig, ctx: WorkerContext, run_dir: Path, units: list[Unit],

@@ -131,3 +131,27 @@ def test_a_killed_driver_rerun_resumes_instead_of_starting_over(tmp_path):
     assert resumed and resumed[0] >= at_kill, r.stdout[-3000:]
     m = metrics(out)
     assert m["steps"] == 600 and m["resumed_from"] == resumed[0] and m["replicas_in_sync"] is True
+
+
+def test_run_directory_on_an_object_store(tmp_path, s3_env):
+    """--out s3://...: checkpoints go there through Ray Train, the bundle and metrics are uploaded,
+    and the same command again resumes from the stored checkpoint."""
+    import fsspec
+
+    from vqtok import Tokenizer
+
+    args = ["--data", str(SAMPLE_DIR), "--out", "s3://vqtok/run", "--steps", "40", "--batch-size", "32",
+            "--checkpoint-every", "20", *FAST]
+    r = run_cli("train-vqvae", *args)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    fs = fsspec.filesystem("s3", skip_instance_cache=True)
+    names = {p.split("vqtok/run/", 1)[1] for p in fs.find("vqtok/run")}
+    assert {"tokenizer/config.json", "tokenizer/model.safetensors", "metrics.json", "config.json",
+            "reconstructions.png", "codebook_usage.png"} <= names, names
+    assert any(n.startswith("ray_train/checkpoint_") for n in names), names
+    tok = Tokenizer.load("s3://vqtok/run/tokenizer")
+    assert tok.config.codebook_size == 32 and tok.id == json.loads(fs.cat_file("vqtok/run/metrics.json"))["tokenizer_id"]
+
+    r = run_cli("train-vqvae", *args)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "resumed from step 40" in r.stdout

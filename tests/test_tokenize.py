@@ -351,33 +351,6 @@ def test_encoder_actor_killed_mid_job_the_job_finishes_exactly(tmp_path, bundle,
 # ----------------------------------------------------------------------------------------------
 # Object store: a real S3-compatible server (moto) on 127.0.0.1
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def s3_env():
-    import socket
-
-    from moto.server import ThreadedMotoServer
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import boto3
-
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="vqtok")
-    yield env
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    server.stop()
-
-
 @pytest.mark.slow
 def test_s3_input_bundle_and_output(tmp_path, bundle, shards, s3_env):
     import fsspec
