@@ -69,6 +69,29 @@ def png_bomb_header(width: int = 40_000, height: int = 40_000) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
 
 
+def pids_with(text: str) -> list[int]:
+    """PIDs whose command line contains `text` (Ray names its workers: ray::RayTrainWorker, ...)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if text in (d / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(d.name))
+            except OSError:
+                pass
+    return found
+
+
+def wait_for(cond, timeout: float = 180.0, every: float = 0.02) -> None:
+    import time
+
+    t0 = time.time()
+    while not cond():
+        if time.time() - t0 > timeout:
+            raise TimeoutError("condition not met in time")
+        time.sleep(every)
+
+
 def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
     """Run the installed `vqtok` console script as a user would."""
     env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="2")

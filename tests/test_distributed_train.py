@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import SAMPLE_DIR, TINY_MODEL, run_cli
+from conftest import SAMPLE_DIR, TINY_MODEL, pids_with, run_cli, wait_for
 
 pytestmark = pytest.mark.slow  # Ray Train start-up dominates: about 30 s per run
 FAST = [*TINY_MODEL, "--warmup-steps", "5", "--log-every", "10"]
@@ -64,26 +64,6 @@ def registered_step(out: Path) -> int:
         return int(snapshot["latest_checkpoint_result"]["metrics"]["step"])
     except (FileNotFoundError, json.JSONDecodeError, KeyError, TypeError):
         return 0
-
-
-def pids_with(text: str) -> list[int]:
-    found = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if text in (d / "cmdline").read_bytes().decode(errors="replace"):
-                    found.append(int(d.name))
-            except OSError:
-                pass
-    return found
-
-
-def wait_for(cond, timeout=180.0):
-    t0 = time.time()
-    while not cond():
-        if time.time() - t0 > timeout:
-            raise TimeoutError("condition not met in time")
-        time.sleep(0.05)
 
 
 def test_a_killed_worker_restarts_from_the_last_checkpoint_and_the_run_finishes(tmp_path):

@@ -6,7 +6,6 @@ The bound for fp32-accurate arithmetic: 8 * (D + 2) * 2^-24 * (||x|| + max ||e||
 multiple of the worst-case fp32 error of ||e||^2 - 2 x.e. The Triton kernel runs here under the
 interpreter (small sizes); `-m gpu` runs it at full size on CUDA.
 """
-import os
 
 import pytest
 import torch

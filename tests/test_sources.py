@@ -1,5 +1,4 @@
 """Corpus sources on real files: WebDataset shards, image folders, IDX; bad inputs reported."""
-import tarfile
 
 from pathlib import Path
 

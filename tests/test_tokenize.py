@@ -16,7 +16,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import PER_SHARD, make_bundle, part_hashes, png_bomb_header, png_bytes, run_cli, write_shards, write_tar
+from conftest import (PER_SHARD, make_bundle, part_hashes, pids_with, png_bomb_header, png_bytes, run_cli, wait_for,
+                      write_shards, write_tar)
 from vqtok import ConfigError, DataError, TokenDataset, Tokenizer, tokenize
 from vqtok.pipeline import plan
 
@@ -280,32 +281,12 @@ def committed(out: Path) -> int:
         return 0
 
 
-def wait_for(cond, timeout=120.0, every=0.02):
-    t0 = time.time()
-    while not cond():
-        if time.time() - t0 > timeout:
-            raise TimeoutError("condition not met in time")
-        time.sleep(every)
-
-
 def kill_group(p: subprocess.Popen) -> None:
     """Ray agents started by a SIGKILLed driver outlive it; clear them from the process group."""
     try:
         os.killpg(p.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
-
-
-def pids_with(text: str) -> list[int]:
-    found = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                if text in (d / "cmdline").read_bytes().decode(errors="replace"):
-                    found.append(int(d.name))
-            except OSError:
-                pass
-    return found
 
 
 @pytest.mark.slow

@@ -42,6 +42,8 @@ def test_bad_arguments_fail_before_any_work(tmp_path, args, message):
     assert message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
     assert not (out / "checkpoints").exists() and not (out / "tokenizer").exists()
+    assert not (out / "ray_train").exists()
+    assert time.time() - t0 < 60  # seconds, not a stalled connection or a started run
 
 
 def test_train_writes_bundle_metrics_and_pictures(tmp_path, fmnist):
