@@ -151,8 +151,10 @@ def part_hashes(out: Path) -> dict:
 # ----------------------------------------------------------------------------------------------
 # A real S3-compatible server (moto) on 127.0.0.1, for object-store paths
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def s3_env():
+    """One server for the session: fsspec caches filesystem instances (with their endpoint) per
+    process, so a second server on another port would be invisible to them."""
     import socket
 
     from moto.server import ThreadedMotoServer
@@ -169,6 +171,9 @@ def s3_env():
     import boto3
 
     boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="vqtok")
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
     yield env
     for k, v in saved.items():
         if v is None:
