@@ -1,0 +1,232 @@
+"""The autoregressive prior: a decoder-only transformer over raster-order image tokens.
+
+    cfg = PriorConfig(codebook_size=512, grid_h=7, grid_w=7, num_classes=10)
+    prior = Prior(cfg)
+    loss = prior.loss(tokens, labels)            # tokens (B, h, w) int64, labels (B,) or None
+    grids = prior.generate(16, labels=..., temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0)
+
+Vocabulary. Image tokens are the codebook indices [0, K), with their own embedding (not the
+codebook's vectors). After them come the beginning-of-image token BOI = K, then one token per class
+(K + 1 + c) and the null class (K + 1 + num_classes) that class dropout swaps in during training,
+so one model is both conditional and unconditional (classifier-free guidance at sampling time).
+
+Sequence. [class] BOI t_0 t_1 ... t_{n-1}: the model reads all but the last and predicts every t_i
+from what precedes it. Positions: the prefix tokens have learned position embeddings, each image
+token adds a row and a column embedding (2D position), so the raster order's line breaks are
+visible to the model.
+
+Blocks are pre-LayerNorm: x + attn(ln(x)), x + mlp(ln(x)); attention is causal. For sampling a KV
+cache holds each layer's keys and values, so each new token costs one position, not the sequence.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass(kw_only=True)
+class PriorConfig:
+    codebook_size: int  # K: image tokens are [0, K)
+    grid_h: int
+    grid_w: int
+    num_classes: int = 0  # 0: unconditional
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    dropout: float = 0.0
+    class_dropout: float = 0.1  # training: probability a label is replaced by the null class
+    tokenizer_id: str = ""  # the tokenizer whose token datasets this prior models
+
+    def __post_init__(self):
+        if self.codebook_size < 2 or self.grid_h < 1 or self.grid_w < 1:
+            raise ValueError(f"codebook_size {self.codebook_size} and grid {self.grid_h}x{self.grid_w}: need K >= 2 "
+                             f"and a grid of at least 1x1")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.num_classes < 0 or not 0 <= self.class_dropout < 1 or not 0 <= self.dropout < 1:
+            raise ValueError("num_classes must be >= 0, class_dropout and dropout in [0, 1)")
+
+    @property
+    def boi(self) -> int:
+        return self.codebook_size
+
+    @property
+    def null_class(self) -> int:
+        return self.codebook_size + 1 + self.num_classes
+
+    @property
+    def vocab_size(self) -> int:  # image tokens, BOI, classes, null class
+        return self.codebook_size + 2 + self.num_classes
+
+    @property
+    def prefix_len(self) -> int:  # [class] BOI
+        return 2 if self.num_classes else 1
+
+    @property
+    def n_tokens(self) -> int:
+        return self.grid_h * self.grid_w
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.qkv = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        b, t, c = x.shape
+        q, k, v = self.qkv(x).split(c, dim=2)
+        q, k, v = (z.view(b, t, self.n_head, c // self.n_head).transpose(1, 2) for z in (q, k, v))
+        if cache is not None:  # incremental decoding: attend over everything cached so far
+            if "k" in cache:
+                k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+            cache["k"], cache["v"] = k, v
+        # with a cache, the new queries are the last t positions: causal within them, all of the past
+        causal = t > 1
+        if cache is not None and k.shape[2] > t and t > 1:
+            mask = torch.ones(t, k.shape[2], dtype=torch.bool, device=x.device).tril(k.shape[2] - t)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=causal,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).contiguous().view(b, t, c))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(cfg.n_embd), nn.LayerNorm(cfg.n_embd)
+        self.attn = SelfAttention(cfg)
+        self.mlp = nn.Sequential(nn.Linear(cfg.n_embd, 4 * cfg.n_embd), nn.GELU(), nn.Linear(4 * cfg.n_embd, cfg.n_embd),
+                                 nn.Dropout(cfg.dropout))
+
+    def forward(self, x: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln1(x), cache)
+        return x + self.mlp(self.ln2(x))
+
+
+class Prior(nn.Module):
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.prefix_pos = nn.Parameter(torch.zeros(cfg.prefix_len, cfg.n_embd))
+        self.row_emb = nn.Parameter(torch.zeros(cfg.grid_h, cfg.n_embd))
+        self.col_emb = nn.Parameter(torch.zeros(cfg.grid_w, cfg.n_embd))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.n_embd)
+        self.head = nn.Linear(cfg.n_embd, cfg.codebook_size, bias=False)  # predicts image tokens only
+        self.apply(self._init)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
+        for p in (self.prefix_pos, self.row_emb, self.col_emb):
+            nn.init.normal_(p, 0.0, 0.02)
+
+    @staticmethod
+    def _init(m: nn.Module) -> None:
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+
+    # --- sequences ------------------------------------------------------------------------------
+    def prefix(self, b: int, labels: torch.Tensor | None, device) -> torch.Tensor:
+        """(B, prefix_len) tokens: [class] BOI. labels may hold -1 for "no class" (the null class)."""
+        boi = torch.full((b, 1), self.cfg.boi, dtype=torch.long, device=device)
+        if not self.cfg.num_classes:
+            return boi
+        if labels is None:
+            cls = torch.full((b,), self.cfg.null_class, dtype=torch.long, device=device)
+        else:
+            labels = labels.to(device=device, dtype=torch.long)
+            if ((labels >= self.cfg.num_classes) | (labels < -1)).any():
+                raise ValueError(f"class labels must be in [0, {self.cfg.num_classes}) or -1 (none), "
+                                 f"got {labels.min().item()}..{labels.max().item()}")
+            cls = torch.where(labels < 0, self.cfg.null_class, self.cfg.codebook_size + 1 + labels)
+        return torch.cat([cls[:, None], boi], 1)
+
+    def _pos(self, start: int, length: int) -> torch.Tensor:
+        """Position embeddings for sequence positions [start, start + length)."""
+        img = (self.row_emb[:, None, :] + self.col_emb[None, :, :]).reshape(-1, self.cfg.n_embd)
+        return torch.cat([self.prefix_pos, img])[start:start + length]
+
+    def forward(self, seq: torch.Tensor, start: int = 0, caches: list[dict] | None = None) -> torch.Tensor:
+        """seq (B, T) tokens at positions [start, start + T) -> next-token logits (B, T, K)."""
+        x = self.drop(self.tok_emb(seq) + self._pos(start, seq.shape[1]))
+        for i, block in enumerate(self.blocks):
+            x = block(x, None if caches is None else caches[i])
+        return self.head(self.ln_f(x))
+
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean") -> torch.Tensor:
+        """Cross-entropy (nats per token) of image tokens (B, h, w) given their class."""
+        b = tokens.shape[0]
+        tokens = tokens.reshape(b, -1).long()
+        if self.training and labels is not None and self.cfg.num_classes and self.cfg.class_dropout > 0:
+            drop = torch.rand(b, device=tokens.device) < self.cfg.class_dropout
+            labels = torch.where(drop, torch.full_like(labels, -1), labels.to(tokens.device))
+        seq = torch.cat([self.prefix(b, labels, tokens.device), tokens], 1)
+        logits = self(seq[:, :-1])[:, self.cfg.prefix_len - 1:]
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens.reshape(-1), reduction=reduction)
+
+    # --- sampling -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def generate(self, n: int, labels: torch.Tensor | None = None, *, temperature: float = 1.0, top_k: int = 0,
+                 top_p: float = 1.0, cfg_scale: float = 1.0, generator: torch.Generator | None = None,
+                 use_cache: bool = True) -> torch.Tensor:
+        """n token grids (n, h, w). labels (n,) classes or None; cfg_scale > 1 mixes in the null-class
+        logits (classifier-free guidance: uncond + s * (cond - uncond))."""
+        if temperature <= 0 or not 0 < top_p <= 1 or top_k < 0:
+            raise ValueError(f"temperature {temperature} must be > 0, top_p {top_p} in (0, 1], top_k {top_k} >= 0")
+        device = next(self.parameters()).device
+        guided = cfg_scale != 1.0 and self.cfg.num_classes > 0 and labels is not None
+        prefix = self.prefix(n, labels, device)
+        if guided:
+            prefix = torch.cat([prefix, self.prefix(n, None, device)])
+        seq = prefix
+        caches = [{} for _ in self.blocks] if use_cache else None
+        out = torch.empty(n, 0, dtype=torch.long, device=device)
+        pos = 0
+        for _ in range(self.cfg.n_tokens):
+            if use_cache:
+                logits = self(seq, start=pos, caches=caches)[:, -1]
+                pos += seq.shape[1]
+            else:
+                logits = self(seq)[:, -1]
+            logits = logits.float()
+            if guided:
+                cond, uncond = logits[:n], logits[n:]
+                logits = uncond + cfg_scale * (cond - uncond)
+            nxt = sample_next(logits, temperature, top_k, top_p, generator)
+            out = torch.cat([out, nxt[:, None]], 1)
+            step = torch.cat([nxt, nxt]) if guided else nxt
+            seq = step[:, None] if use_cache else torch.cat([seq, step[:, None]], 1)
+        return out.view(n, self.cfg.grid_h, self.cfg.grid_w)
+
+
+def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+                generator: torch.Generator | None) -> torch.Tensor:
+    """One token per row from (B, K) logits: temperature, then top-k, then nucleus (top-p)."""
+    logits = logits / temperature
+    if top_k and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, -1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(-1, descending=True)
+        keep = sorted_p.cumsum(-1) - sorted_p < top_p  # the smallest set whose mass reaches top_p
+        sorted_p = sorted_p * keep
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]
