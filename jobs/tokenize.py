@@ -112,16 +112,21 @@ def run(cfg: TokenizeConfig) -> TokenizeResult:
         flush=True)
     images_run, examples, stream_seconds = 0, [], 0.0
     if pending:
-        images_run, examples, stream_seconds = _stream(cfg, bundle, tok, meta, output, pending, len(units), say, t0)
+        images_run, examples, stream_seconds = _stream(cfg, bundle, tok, meta, output, pending, say)
     seconds = time.time() - t0
-    result = _result(cfg, output, len(units), len(pending), skipped, images_run, seconds, examples)
-    result.stream_seconds = stream_seconds
+    c = output.committed.values()
+    result = TokenizeResult(
+        out=cfg.out, rows=output.manifest["rows"], parts=len(c), bytes=sum(x["bytes"] for x in c),
+        failures=output.manifest["failures"], units_total=len(units), units_run=len(pending), units_skipped=skipped,
+        images_run=images_run, seconds=seconds, images_per_s=images_run / max(seconds, 1e-9),
+        stream_seconds=stream_seconds, failure_examples=examples,
+    )
     _check_failures(output, cfg, final=True)
     say(_summary(result), flush=True)
     return result
 
 
-def _stream(cfg, bundle, tok, meta, output: TokenOutput, pending, n_units, say, t0) -> tuple[int, list[Failure], float]:
+def _stream(cfg, bundle, tok, meta, output: TokenOutput, pending, say) -> tuple[int, list[Failure], float]:
     ray = init_ray(cfg.address)
     check_resources(ray, workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker)
     on_gpu = cfg.gpus_per_worker > 0
@@ -146,8 +151,9 @@ def _stream(cfg, bundle, tok, meta, output: TokenOutput, pending, n_units, say, 
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for part, rows, failures in assembler.add(batch):
             unit = by_part[part]
-            table = part_table(meta, rows.column("key").to_pylist(), tok_grids(rows, tok),
-                               rows.column("label").to_pylist(), unit.url)
+            # the encoders' columns go into the part as they are: no trip through Python lists
+            table = part_table(meta, rows.column("key").combine_chunks(), rows.column("tokens").combine_chunks(),
+                               rows.column("label").combine_chunks(), unit.url)
             fails = [Failure(f["key"], f["unit"], f["reason"]) for f in failures]
             output.commit(unit, part, table, fails)
             done_units += 1
@@ -179,26 +185,17 @@ class _StoredBundle:
         return ray.get(self.refs[0])
 
 
-def tok_grids(rows, tok):
-    import numpy as np
-
-    h, w = tok.grid
-    col = rows.column("tokens").combine_chunks()
-    return col.values.to_numpy(zero_copy_only=False).reshape(len(rows), h, w) if len(rows) else np.zeros((0, h, w), np.int64)
-
-
 def _progress(done: int, total: int, images: int, elapsed: float, output: TokenOutput) -> str:
     rate = images / max(elapsed, 1e-9)
     eta = elapsed / done * (total - done) if done else float("nan")
     eta_s = fmt_duration(eta) if done else "?"
-    fails = output.manifest["failures"] if "failures" in output.manifest else 0
     return (f"vqtok tokenize: units {done}/{total} | images {images:,} | {rate:,.0f} img/s | "
-            f"skipped {fails} | eta {eta_s}")
+            f"skipped {output.manifest['failures']} | eta {eta_s}")
 
 
 def _check_failures(output: TokenOutput, cfg: TokenizeConfig, final: bool) -> None:
-    failed = sum(c["failures"] for c in output.committed.values())
-    seen = failed + sum(c["rows"] for c in output.committed.values())
+    failed = output.manifest["failures"]  # totals over every committed unit, kept by the manifest
+    seen = failed + output.manifest["rows"]
     if not seen or (not final and seen < 1000):
         return
     if failed / seen > cfg.max_failure_fraction:
@@ -207,16 +204,6 @@ def _check_failures(output: TokenOutput, cfg: TokenizeConfig, final: bool) -> No
             f"--max-failure-fraction {cfg.max_failure_fraction}; the reasons are in {cfg.out}/{ERRORS_DIR}/. "
             f"Fix or drop the bad inputs, or raise --max-failure-fraction if they are expected"
         )
-
-
-def _result(cfg, output: TokenOutput, n_units, n_run, skipped, images_run, seconds, examples) -> TokenizeResult:
-    c = output.committed.values()
-    return TokenizeResult(
-        out=cfg.out, rows=sum(x["rows"] for x in c), parts=len(c), bytes=sum(x["bytes"] for x in c),
-        failures=sum(x["failures"] for x in c), units_total=n_units, units_run=n_run, units_skipped=skipped,
-        images_run=images_run, seconds=seconds, images_per_s=images_run / max(seconds, 1e-9),
-        failure_examples=examples,
-    )
 
 
 def _summary(r: TokenizeResult) -> str:

@@ -38,6 +38,9 @@ from ..pipeline.stream import ImageStream, prefetch
 from ._ray import check_address, check_resources, init_ray
 
 
+RAY_TRAIN_NAME = "ray_train"  # Ray Train's checkpoints live in RUN_DIR/ray_train
+
+
 @dataclass(kw_only=True)
 class TrainConfig:
     data: list[str]
@@ -271,8 +274,6 @@ def _train_on_ray(cfg: TrainConfig, run_dir: Path | None, units: list[Unit], val
     return TrainResult(storage, f"{storage}/tokenizer", metrics["tokenizer_id"], metrics,
                        f"{storage}/reconstructions.png", f"{storage}/codebook_usage.png", metrics.get("resumed_from"))
 
-
-RAY_TRAIN_NAME = "ray_train"
 
 
 def _ray_train_loop(config: dict) -> None:

@@ -80,16 +80,20 @@ def tokens_array(tokens: np.ndarray, codebook_size: int) -> pa.ListArray:
     return pa.ListArray.from_arrays(offsets, pa.array(flat.reshape(-1)))
 
 
-def part_table(meta: dict, keys: list[str], tokens: np.ndarray, labels: list[int | None], source: str) -> pa.Table:
+def part_table(meta: dict, keys, tokens, labels, source: str) -> pa.Table:
+    """A part's rows. keys/labels: lists or Arrow arrays; tokens: (n, h, w) integer grids, or the
+    list<uint16|int32> Arrow column the encoders return (used as it is)."""
     n = len(keys)
     h, w = meta["grid"]
+    if isinstance(tokens, np.ndarray):
+        tokens = tokens_array(tokens, meta["codebook_size"])
     return pa.Table.from_arrays(
         [
-            pa.array(keys, pa.string()),
-            tokens_array(tokens, meta["codebook_size"]),
+            pa.array(keys, pa.string()) if isinstance(keys, list) else keys,
+            tokens,
             pa.array(np.full(n, h, np.int16)),
             pa.array(np.full(n, w, np.int16)),
-            pa.array(labels, pa.int32()),
+            pa.array(labels, pa.int32()) if isinstance(labels, list) else labels,
             pa.array([source] * n, pa.string()),
         ],
         schema=token_schema(meta),
