@@ -7,6 +7,8 @@
     images = tok.decode(tokens)          # uint8
     vqtok.tokenize(result.tokenizer_dir, "shards/*.tar", "out/tokens")   # Parquet token dataset (Ray Data)
     tokens, labels = vqtok.TokenDataset("out/tokens").to_numpy()
+    vqtok.train_prior(tokens=["out/tokens"], out="runs/prior", steps=2000)   # GPT over the token grids
+    samples = vqtok.Prior.load("runs/prior").sample(64, classes=3)          # .tokens, .images
 """
 import importlib
 from typing import TYPE_CHECKING
@@ -17,8 +19,10 @@ _EXPORTS = {
     "eval_vqvae": "jobs.eval_vqvae",
     "tokenize": "jobs.tokenize", "TokenizeConfig": "jobs.tokenize", "TokenizeResult": "jobs.tokenize",
     "TrainConfig": "jobs.train_vqvae", "TrainResult": "jobs.train_vqvae", "train_vqvae": "jobs.train_vqvae",
+    "train_prior": "jobs.train_prior", "PriorTrainConfig": "jobs.train_prior", "PriorResult": "jobs.train_prior",
+    "sample": "jobs.sample", "SampleConfig": "jobs.sample",
     "nearest_code": "kernels",
-    "Preprocess": "models", "Tokenizer": "models", "VQVAEConfig": "models",
+    "Preprocess": "models", "Tokenizer": "models", "VQVAEConfig": "models", "Prior": "models", "PriorConfig": "models",
     "convert": "pipeline.convert",
     "ConfigError": "pipeline.errors", "DataError": "pipeline.errors",
     "list_units": "pipeline.sources",
@@ -37,9 +41,11 @@ def __getattr__(name: str):
 if TYPE_CHECKING:  # pragma: no cover
     from .jobs.eval_vqvae import eval_vqvae
     from .jobs.tokenize import TokenizeConfig, TokenizeResult, tokenize
+    from .jobs.sample import SampleConfig, sample
+    from .jobs.train_prior import PriorResult, PriorTrainConfig, train_prior
     from .jobs.train_vqvae import TrainConfig, TrainResult, train_vqvae
     from .kernels import nearest_code
-    from .models import Preprocess, Tokenizer, VQVAEConfig
+    from .models import Preprocess, Prior, PriorConfig, Tokenizer, VQVAEConfig
     from .pipeline.convert import convert
     from .pipeline.errors import ConfigError, DataError
     from .pipeline.sources import list_units
@@ -55,5 +61,6 @@ except Exception:  # pragma: no cover
 __all__ = [
     "TrainConfig", "TrainResult", "train_vqvae", "eval_vqvae", "Tokenizer", "VQVAEConfig", "Preprocess",
     "tokenize", "TokenizeConfig", "TokenizeResult", "TokenDataset",
+    "train_prior", "PriorTrainConfig", "PriorResult", "Prior", "PriorConfig", "sample", "SampleConfig",
     "nearest_code", "convert", "list_units", "ConfigError", "DataError", "__version__",
 ]

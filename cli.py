@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .jobs import eval_vqvae, tokenize, train_vqvae
+from .jobs import eval_vqvae, sample, tokenize, train_prior, train_vqvae
 from .pipeline.errors import ConfigError, DataError
 
 
@@ -50,6 +50,14 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("tokenize", help="tokenize images into a Parquet token dataset (Ray Data)")
     tokenize.add_arguments(k)
     k.set_defaults(func=tokenize.run_from_args)
+
+    tp = sub.add_parser("train-prior", help="train an autoregressive prior (GPT) on a token dataset")
+    train_prior.add_arguments(tp)
+    tp.set_defaults(func=train_prior.run_from_args)
+
+    sp = sub.add_parser("sample", help="sample images from a trained prior")
+    sample.add_arguments(sp)
+    sp.set_defaults(func=sample.run_from_args)
 
     i = sub.add_parser("inspect", help="summary, schema metadata and a few rows of a token dataset")
     i.add_argument("path", help="token dataset directory or URL (the --out of vqtok tokenize)")

@@ -104,7 +104,8 @@ def run(cfg: TokenizeConfig) -> TokenizeResult:
     meta = dataset_metadata(codebook_size=tok.config.codebook_size, tokenizer_id=tok.id, grid=tok.grid,
                             preprocess=tok.preprocess.to_dict(), vqtok_version=__version__)
     units = list_units(cfg.data)
-    output = TokenOutput.open(cfg.out, meta, units)
+    location = cfg.tokenizer if "://" in cfg.tokenizer else os.path.abspath(cfg.tokenizer)
+    output = TokenOutput.open(cfg.out, meta, units, tokenizer_location=location)
     pending = output.pending(units)
     skipped = len(units) - len(pending)
     say(f"vqtok tokenize: {len(units)} input units from {', '.join(cfg.data)}; {skipped} already committed in "

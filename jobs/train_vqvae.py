@@ -28,17 +28,15 @@ import torch.nn.functional as F
 
 from ..config import check_keys, load_config_file, save_json
 from ..models import VQVAE, Preprocess, Tokenizer, VQVAEConfig
-from ..pipeline.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from ..pipeline.decode import DEFAULT_MAX_PIXELS
 from ..pipeline.errors import ConfigError, DataError
 from ..pipeline.evaluate import evaluate, save_eval_pictures
 from ..pipeline.progress import Progress, fmt_duration
 from ..pipeline.sources import FailureLog, Unit, list_units, split_patterns
 from ..pipeline.stream import ImageStream, prefetch
-from ._ray import check_address, check_resources, init_ray
-
-
-RAY_TRAIN_NAME = "ray_train"  # Ray Train's checkpoints live in RUN_DIR/ray_train
+from ._ray import check_address
+from ._trainer import (WorkerContext, cosine_lr, fit_on_ray, is_url, prepare_output, read_json,
+                       resolve_device, resume_position)
 
 
 @dataclass(kw_only=True)
@@ -111,54 +109,6 @@ class TrainConfig:
 
 
 @dataclass
-class WorkerContext:
-    """Where this copy of the loop runs. Ray Train fills it from its own context."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: str = "cpu"
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-    # checkpoints: RUN_DIR/checkpoints in one process; RayWorkerContext goes through Ray Train
-    def latest_state(self, run_dir: Path) -> tuple[dict | None, str]:
-        ckpt = latest_checkpoint(run_dir)
-        return (load_checkpoint(ckpt), str(ckpt)) if ckpt is not None else (None, "")
-
-    def save_state(self, run_dir: Path, step: int, state: dict, keep: int, metrics: dict) -> None:
-        if self.is_main:
-            save_checkpoint(run_dir, step, state, keep=keep)
-
-
-class RayWorkerContext(WorkerContext):
-    """A Ray Train worker: checkpoints are reported to Ray Train (every rank reports; rank 0 attaches
-    the state) and come back from it after a worker failure or a re-run of the same command."""
-
-    def latest_state(self, run_dir: Path) -> tuple[dict | None, str]:
-        import ray.train
-
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is None:  # nothing in RUN_DIR/ray_train: maybe a one-process run to continue
-            return super().latest_state(run_dir)
-        with ckpt.as_directory() as d:
-            return load_checkpoint(Path(d) / "state.pt"), ckpt.path
-
-    def save_state(self, run_dir: Path, step: int, state: dict, keep: int, metrics: dict) -> None:
-        import tempfile
-
-        import ray.train
-
-        if not self.is_main:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as d:
-            torch.save(state, Path(d) / "state.pt")
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-
-
-@dataclass
 class TrainResult:
     run_dir: str
     tokenizer_dir: str
@@ -169,51 +119,8 @@ class TrainResult:
     resumed_from: int | None
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"--device {device}: no CUDA device is visible here; use --device cpu or auto")
-    return device
-
-
-def is_url(out: str) -> bool:
-    return "://" in out and not out.startswith("file://")
-
-
-def check_output_url(out: str) -> None:
-    """An object-store RUN_DIR (s3://bucket/run): fail now, naming it, if it cannot be written."""
-    import fsspec
-
-    try:
-        fs, root = fsspec.core.url_to_fs(out)
-        probe = f"{root.rstrip('/')}/.write-test"
-        fs.pipe_file(probe, b"ok")
-        fs.rm_file(probe)
-    except Exception as e:
-        raise ConfigError(f"--out {out}: cannot write there ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                          f"check the bucket, credentials and endpoint, or give a local directory") from None
-
-
-def check_output_dir(out: str) -> Path:
-    """Create RUN_DIR (or fail now, naming it) before any work starts."""
-    p = Path(out)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = p / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"--out {out}: cannot write there ({e.strerror}); choose a writable directory") from None
-    return p
-
-
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup, then cosine decay to lr * min_lr_ratio."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    t = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+    return cosine_lr(step, lr=cfg.lr, warmup=cfg.warmup_steps, total=cfg.steps, min_ratio=cfg.min_lr_ratio)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -223,93 +130,29 @@ def train_vqvae(cfg: TrainConfig) -> TrainResult:
     on_ray = cfg.workers > 1 or cfg.address is not None or is_url(cfg.out)
     if on_ray:
         check_address(cfg.address)
-    if is_url(cfg.out):
-        check_output_url(cfg.out)
-        run_dir = None
-    else:
-        run_dir = check_output_dir(cfg.out)
+    run_dir = prepare_output(cfg.out)
     # Units are listed once, here on the driver: a pattern that matches nothing fails before any
     # model is built, and workers get the same sorted list.
     units = list_units(cfg.data)
     val_units = list_units(cfg.val_data) if cfg.val_data else None
-    if on_ray:
-        return _train_on_ray(cfg, run_dir, units, val_units)
-    device = resolve_device(cfg.device)
-    return train_worker(cfg, WorkerContext(device=device), run_dir, units, val_units)
-
-
-def _train_on_ray(cfg: TrainConfig, run_dir: Path | None, units: list[Unit], val_units: list[Unit] | None) -> TrainResult:
-    """run_dir None: --out is a URL; checkpoints go there through Ray Train, and rank 0 uploads the
-    bundle, metrics and pictures when it is done."""
-    ray = init_ray(cfg.address)
-    check_resources(ray, workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker)
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})
-    storage = str(run_dir.resolve()) if run_dir is not None else cfg.out.rstrip("/")
-    print(f"vqtok: training on Ray Train with {cfg.workers} workers ({'GPU' if cfg.gpus_per_worker else 'CPU'}, "
-          f"{cfg.batch_size // cfg.workers} images per worker per step); checkpoints in {storage}/{RAY_TRAIN_NAME}",
-          flush=True)
-    trainer = TorchTrainer(
-        _ray_train_loop,
-        train_loop_config={"cfg": cfg.to_dict(), "run_dir": None if run_dir is None else str(run_dir.resolve()),
-                           "units": units, "val_units": val_units},
-        scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(
-            name=RAY_TRAIN_NAME, storage_path=storage,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-        ),
-    )
-    trainer.fit()  # raises when the run fails for good (after max_failures restarts)
+    if not on_ray:
+        return train_worker(WorkerContext(device=resolve_device(cfg.device)), run_dir, cfg, units, val_units)
+    storage = fit_on_ray(
+        _ray_worker, {"cfg": cfg.to_dict(), "units": units, "val_units": val_units}, out=cfg.out, run_dir=run_dir,
+        address=cfg.address, workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker,
+        cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints,
+        what=f"training the tokenizer ({cfg.batch_size // cfg.workers} images per worker per step)")
     # rank 0 wrote the bundle, metrics and pictures into RUN_DIR (shared storage on a multi-node cluster)
-    import json
-
-    import fsspec
-
-    with fsspec.open(f"{storage}/metrics.json", "r") as f:
-        metrics = json.load(f)
+    metrics = read_json(storage, "metrics.json")
     return TrainResult(storage, f"{storage}/tokenizer", metrics["tokenizer_id"], metrics,
                        f"{storage}/reconstructions.png", f"{storage}/codebook_usage.png", metrics.get("resumed_from"))
 
 
-
-def _ray_train_loop(config: dict) -> None:
-    import logging
-    import warnings
-
-    import ray.train
-    import ray.train.torch
-
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # vqtok prints its own progress
-    warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated")
-    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
-
-    cfg = TrainConfig.from_dict(config["cfg"])
-    tc = ray.train.get_context()
-    device = str(ray.train.torch.get_device())
-    ctx = RayWorkerContext(rank=tc.get_world_rank(), world_size=tc.get_world_size(), device=device)
-    if config["run_dir"] is not None:
-        train_worker(cfg, ctx, Path(config["run_dir"]), config["units"], config["val_units"])
-        return
-    import tempfile
-
-    import fsspec
-
-    with tempfile.TemporaryDirectory(prefix="vqtok-run-") as local:  # outputs staged here, then uploaded
-        result = train_worker(cfg, ctx, Path(local), config["units"], config["val_units"])
-        if ctx.is_main and result is not None:
-            fs, root = fsspec.core.url_to_fs(cfg.out)
-            root = root.rstrip("/")
-            for path in sorted(Path(local).rglob("*")):
-                if path.is_file() and "checkpoints" not in path.parts:
-                    fs.put_file(str(path), f"{root}/{path.relative_to(local)}")
-            print(f"vqtok: uploaded the bundle, metrics and pictures to {cfg.out}", flush=True)
+def _ray_worker(ctx: WorkerContext, run_dir: Path, cfg: dict, units: list[Unit], val_units: list[Unit] | None):
+    return train_worker(ctx, run_dir, TrainConfig.from_dict(cfg), units, val_units)
 
 
-def train_worker(cfg: TrainConfig, ctx: WorkerContext, run_dir: Path, units: list[Unit],
+def train_worker(ctx: WorkerContext, run_dir: Path, cfg: TrainConfig, units: list[Unit],
                  val_units: list[Unit] | None) -> TrainResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -328,7 +171,7 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, run_dir: Path, units: lis
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         step, resumed_from = int(state["step"]), int(state["step"])
-        consumed = _resume_position(state, ctx)
+        consumed = resume_position(state, ctx)
         if ctx.is_main:
             print(f"vqtok: resumed from step {step} ({where})", flush=True)
     # DDP averages gradients over ranks; the quantizer keeps its own buffers in sync (all-reduced
@@ -374,7 +217,7 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, run_dir: Path, units: lis
                             commit=q.commitment_loss.item(), ppl=q.perplexity.item(),
                             usage=model.quantizer.usage())
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-            by_rank = _gather_ints(consumed, ctx)
+            by_rank = ctx.gather_ints(consumed)
             ctx.save_state(run_dir, step, {
                 "step": step, "consumed": consumed, "consumed_by_rank": by_rank, "model": model.state_dict(),
                 "optimizer": opt.state_dict(), "rng": torch.get_rng_state(), "config": cfg.to_dict(),
@@ -388,28 +231,6 @@ def train_worker(cfg: TrainConfig, ctx: WorkerContext, run_dir: Path, units: lis
     train_metrics["history"] = history
     return _finish(cfg, model, run_dir, val_units or units, train_metrics, train_seconds, failures,
                    resumed_from, ctx, in_sync)
-
-
-def _gather_ints(value: int, ctx: WorkerContext) -> list[int]:
-    if ctx.world_size == 1:
-        return [value]
-    import torch.distributed as dist
-
-    out = [None] * ctx.world_size
-    dist.all_gather_object(out, int(value))
-    return [int(v) for v in out]
-
-
-def _resume_position(state: dict, ctx: WorkerContext) -> int:
-    """Raw samples this rank had read at the checkpoint. Resuming with another worker count
-    cannot place every rank exactly: it restarts each rank at its share of the total read."""
-    by_rank = state.get("consumed_by_rank") or [int(state["consumed"])]
-    if len(by_rank) == ctx.world_size:
-        return int(by_rank[ctx.rank])
-    if ctx.is_main:
-        print(f"vqtok: the checkpoint was written by {len(by_rank)} worker(s), this run has {ctx.world_size}: "
-              f"data order restarts from each rank's share of the {sum(by_rank)} samples read", flush=True)
-    return sum(by_rank) // ctx.world_size
 
 
 def _replicas_in_sync(model, ctx: WorkerContext) -> bool | None:

@@ -5,6 +5,10 @@
     loss = prior.loss(tokens, labels)            # tokens (B, h, w) int64, labels (B,) or None
     grids = prior.generate(16, labels=..., temperature=1.0, top_k=0, top_p=1.0, cfg_scale=1.0)
 
+    prior.save("runs/prior/prior", tokenizer_path="runs/tok/tokenizer")   # the bundle
+    samples = Prior.load("runs/prior").sample(64, classes=3, cfg_scale=2.0, seed=0)
+    samples.tokens, samples.images                  # (64, h, w) codes, (64, S, S[, 3]) uint8 pictures
+
 Vocabulary. Image tokens are the codebook indices [0, K), with their own embedding (not the
 codebook's vectors). After them come the beginning-of-image token BOI = K, then one token per class
 (K + 1 + c) and the null class (K + 1 + num_classes) that class dropout swaps in during training,
@@ -20,8 +24,13 @@ cache holds each layer's keys and values, so each new token costs one position, 
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from dataclasses import asdict, dataclass
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -73,6 +82,26 @@ class PriorConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "PriorConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# The prior bundle. A prior bundle is a directory: config.json (format, the PriorConfig with the tokenizer id, and the
+# tokenizer's location when it was trained) and model.safetensors. `vqtok train-prior` writes it to
+# PRIOR_DIR/prior; Prior.load takes either PRIOR_DIR or the bundle directory itself.
+PRIOR_FORMAT = "vqtok-prior"
+PRIOR_VERSION = 1
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+@dataclass
+class Samples:
+    tokens: torch.Tensor  # int64 (n, h, w)
+    labels: torch.Tensor  # int64 (n,), -1 for unconditional samples
+    images: torch.Tensor | None  # uint8 (n, S, S) or (n, S, S, 3), decoded by the tokenizer
+
 
 class SelfAttention(nn.Module):
     def __init__(self, cfg: PriorConfig):
@@ -117,6 +146,7 @@ class Prior(nn.Module):
     def __init__(self, cfg: PriorConfig):
         super().__init__()
         self.cfg = cfg
+        self.tokenizer_path = ""  # where the tokenizer it models was, when the bundle was written
         self.tok_emb = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.prefix_pos = nn.Parameter(torch.zeros(cfg.prefix_len, cfg.n_embd))
         self.row_emb = nn.Parameter(torch.zeros(cfg.grid_h, cfg.n_embd))
@@ -214,6 +244,106 @@ class Prior(nn.Module):
             seq = step[:, None] if use_cache else torch.cat([seq, step[:, None]], 1)
         return out.view(n, self.cfg.grid_h, self.cfg.grid_w)
 
+    # --- the bundle, and sampling to pictures --------------------------------------------------
+    def save(self, path: str | os.PathLike, *, tokenizer_path: str = "", extra: dict | None = None) -> str:
+        """Write the bundle to the directory `path` (atomically: staged, then renamed); returns its id."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        staging = path.with_name(path.name + ".staging")
+        staging.mkdir(parents=True, exist_ok=True)
+        config = {"format": PRIOR_FORMAT, "format_version": PRIOR_VERSION, "model": self.cfg.to_dict(),
+                  "tokenizer": {"id": self.cfg.tokenizer_id, "path": tokenizer_path}} | (extra or {})
+        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(staging / WEIGHTS_FILE),
+                  metadata={"format": PRIOR_FORMAT})
+        if path.exists():
+            for f in path.iterdir():
+                f.unlink()
+            path.rmdir()
+        os.replace(staging, path)
+        self.tokenizer_path = tokenizer_path
+        return hashlib.sha256((path / CONFIG_FILE).read_bytes() + (path / WEIGHTS_FILE).read_bytes()).hexdigest()
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Prior":
+        """A prior bundle from PRIOR_DIR (the --out of train-prior), its bundle directory, or a URL."""
+        import fsspec
+        from safetensors.torch import load as load_safetensors
+
+        base = str(path).rstrip("/")
+        fs, root = fsspec.core.url_to_fs(base)
+        for d in (f"{root}/prior", root):
+            if fs.exists(f"{d}/{CONFIG_FILE}") and fs.exists(f"{d}/{WEIGHTS_FILE}"):
+                break
+        else:
+            raise FileNotFoundError(f"{path} is not a prior: expected prior/{CONFIG_FILE} and prior/{WEIGHTS_FILE} in it "
+                                    f"(train one with `vqtok train-prior --tokens DATASET --out {path}`)")
+        config = json.loads(fs.cat_file(f"{d}/{CONFIG_FILE}"))
+        if config.get("format") != PRIOR_FORMAT:
+            raise ValueError(f"{d}/{CONFIG_FILE}: format {config.get('format')!r}, expected {PRIOR_FORMAT!r}")
+        if config.get("format_version", 0) > PRIOR_VERSION:
+            raise ValueError(f"{d}/{CONFIG_FILE}: format_version {config['format_version']} is newer than this vqtok "
+                             f"reads ({PRIOR_VERSION}); upgrade vqtok")
+        prior = cls(PriorConfig.from_dict(config["model"]))
+        prior.load_state_dict(load_safetensors(fs.cat_file(f"{d}/{WEIGHTS_FILE}")))
+        prior.tokenizer_path = config.get("tokenizer", {}).get("path", "")
+        return prior.to(device).eval()
+
+    def load_tokenizer(self, tokenizer=None):
+        """The tokenizer this prior was trained for: the one given, else the recorded location; its id
+        must match the one the prior records."""
+        from .tokenizer import Tokenizer
+
+        want = self.cfg.tokenizer_id
+        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+            where = str(tokenizer or self.tokenizer_path)
+            if not where:
+                raise FileNotFoundError(f"this prior does not record where its tokenizer ({want[:16]}) is: pass one "
+                                        f"(--tokenizer PATH)")
+            try:
+                tokenizer = Tokenizer.load(where)
+            except FileNotFoundError:
+                raise FileNotFoundError(f"the prior's tokenizer ({want[:16]}) was at {where}, which is not a tokenizer "
+                                        f"bundle now: pass its new location (--tokenizer PATH)") from None
+        if want and tokenizer.id != want:
+            raise ValueError(f"tokenizer {tokenizer.id[:16]} is not the one this prior was trained for ({want[:16]}): its "
+                             f"codes mean other things; pass the tokenizer whose token dataset trained the prior")
+        return tokenizer
+
+    @torch.no_grad()
+    def sample(self, n: int, *, classes: int | Sequence[int] | torch.Tensor | None = None,
+               temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, cfg_scale: float = 1.0,
+               seed: int | None = None, batch_size: int = 256, tokenizer=None, decode: bool = True) -> Samples:
+        """n samples: token grids, and (decode=True) the pictures the tokenizer decodes them to.
+        classes: None (unconditional), one class for all, or one per sample (-1: unconditional)."""
+        if n < 1 or batch_size < 1:
+            raise ValueError(f"n {n} and batch_size {batch_size} must be at least 1")
+        if classes is None:
+            labels = None
+        else:
+            if not self.cfg.num_classes:
+                raise ValueError("this prior is unconditional (trained without labels): sample without classes")
+            labels = torch.as_tensor(classes, dtype=torch.long).reshape(-1)
+            labels = labels.expand(n).clone() if labels.numel() == 1 else labels
+            if labels.numel() != n:
+                raise ValueError(f"classes: {labels.numel()} given for n={n} samples (give one, or one per sample)")
+        tok = self.load_tokenizer(tokenizer) if decode else None  # fail before sampling, not after
+        device = next(self.parameters()).device
+        gen = torch.Generator(device=device)
+        gen.manual_seed(seed if seed is not None else torch.seed())
+        was_training = self.training
+        self.eval()
+        out = []
+        for i in range(0, n, batch_size):
+            m = min(batch_size, n - i)
+            out.append(self.generate(m, None if labels is None else labels[i:i + m], temperature=temperature, top_k=top_k,
+                                     top_p=top_p, cfg_scale=cfg_scale, generator=gen).cpu())
+        self.train(was_training)
+        tokens = torch.cat(out)
+        images = tok.decode(tokens) if tok is not None else None
+        return Samples(tokens, labels if labels is not None else torch.full((n,), -1, dtype=torch.long), images)
+
 
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                 generator: torch.Generator | None) -> torch.Tensor:
@@ -230,3 +360,4 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: flo
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
         probs = probs / probs.sum(-1, keepdim=True)
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
+

@@ -45,7 +45,10 @@ class TokenOutput:
 
     # --- planning -----------------------------------------------------------------------------
     @classmethod
-    def open(cls, url: str, meta: dict, units: Sequence[Unit], *, storage_options: dict | None = None) -> "TokenOutput":
+    def open(cls, url: str, meta: dict, units: Sequence[Unit], *, storage_options: dict | None = None,
+             tokenizer_location: str | None = None) -> "TokenOutput":
+        """tokenizer_location: where the tokenizer bundle was read from, recorded in the manifest
+        (the newest run's) so `vqtok train-prior` can tell the prior where its decoder lives."""
         url = str(url).rstrip("/")
         fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         try:
@@ -65,6 +68,8 @@ class TokenOutput:
                 f"{meta['tokenizer_id'][:12]}, grid {meta['grid']}). Mixing them would make one dataset with two "
                 f"vocabularies: write to a new --out, or delete {url} to start over"
             )
+        if tokenizer_location:
+            manifest["tokenizer"] = tokenizer_location
         out = cls(url, fs, root, manifest)
         planned = manifest["units"]
         next_part = max(planned.values(), default=-1) + 1

@@ -176,6 +176,12 @@ class TokenDataset:
         return self.metadata["tokenizer_id"]
 
     @property
+    def tokenizer_location(self) -> str:
+        """Where `vqtok tokenize` read the tokenizer bundle from ("" for datasets written before
+        vqtok recorded it)."""
+        return self.manifest.get("tokenizer", "")
+
+    @property
     def schema(self) -> pa.Schema:
         return token_schema(self.metadata)
 
@@ -239,7 +245,7 @@ class TokenDataset:
             f"  rows {self.num_rows:,} in {len(self.parts)} committed parts ({size / 1024:,.1f} KiB); "
             f"{len(m.get('units', {})) - len(self.parts)} planned units not committed; {self.failures} inputs skipped"
             + (f" (records in {ERRORS_DIR}/)" if self.failures else ""),
-            f"  tokenizer {self.tokenizer_id}",
+            f"  tokenizer {self.tokenizer_id}" + (f" (read from {self.tokenizer_location})" if self.tokenizer_location else ""),
             f"  grid {self.grid[0]}x{self.grid[1]}, codebook size {self.codebook_size}, tokens "
             f"{token_type(self.codebook_size)}, schema_version {self.metadata['schema_version']}, "
             f"vqtok {self.metadata.get('vqtok_version')}",

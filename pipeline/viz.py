@@ -1,7 +1,9 @@
 """Pictures: image grids (reconstructions, samples) and the codebook-usage histogram, as PNG."""
 from __future__ import annotations
 
+import math
 import os
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -23,6 +25,19 @@ def save_image_grid(rows: list[np.ndarray], path: str | os.PathLike, scale: int 
         im = im.resize((im.width * scale, im.height * scale), Image.Resampling.NEAREST)
     im.save(path)
     return str(path)
+
+
+def save_sample_grid(images: np.ndarray, labels: np.ndarray, path: str | os.PathLike) -> str:
+    """Samples as a grid: one row per class when they hold several classes (in the order the
+    classes first appear), else as square as possible."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    groups = [np.flatnonzero(labels == c) for c in dict.fromkeys(np.asarray(labels).tolist())]
+    if len(groups) > 1:
+        rows = [images[g] for g in groups]
+    else:
+        per_row = math.ceil(math.sqrt(len(images)))
+        rows = [images[i:i + per_row] for i in range(0, len(images), per_row)]
+    return save_image_grid(rows, path, scale=2 if images.shape[1] <= 64 else 1)
 
 
 def save_reconstruction_grid(originals: np.ndarray, recons: np.ndarray, path, per_row: int = 16) -> str:
