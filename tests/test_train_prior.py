@@ -1,0 +1,256 @@
+"""Training the prior on token datasets and sampling from it: the streaming reader, the job (CLI
+and API), resume after a kill, tokenizer checks, sampling to pictures of the tokenizer's size."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from conftest import make_bundle, run_cli, wait_for
+from vqtok import DataError, Prior, TokenDataset, Tokenizer, train_prior
+from vqtok.pipeline.plan import TokenOutput
+from vqtok.pipeline.sources import Unit
+from vqtok.pipeline.token_stream import TokenCorpus, TokenStream
+from vqtok.pipeline.tokens import dataset_metadata, part_table
+
+ROWS_PER_PART = 150
+TINY_PRIOR = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32"]
+
+
+def class_grids(n: int, grid: tuple[int, int], k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Token grids with structure a prior can learn: each of 10 classes has a template grid, and
+    each token is swapped for a random code with probability 0.3."""
+    rng = np.random.default_rng(seed)
+    templates = rng.integers(0, k, (10, *grid))
+    labels = rng.integers(0, 10, n)
+    grids = templates[labels]
+    noise = rng.random(grids.shape) < 0.3
+    grids[noise] = rng.integers(0, k, int(noise.sum()))
+    return grids, labels
+
+
+def write_token_dataset(out: Path, tokenizer: Path, n_parts: int, record_location: bool = True, seed: int = 0) -> Path:
+    """A committed token dataset in the format `vqtok tokenize` writes, for the tokenizer at
+    `tokenizer` (without starting Ray). The grids are class-structured synthetic ones: the tiny
+    test tokenizer maps nearly every image to one code, which leaves a prior nothing to learn."""
+    tok = Tokenizer.load(tokenizer)
+    grids_all, labels = class_grids(n_parts * ROWS_PER_PART, tok.grid, tok.config.codebook_size, seed)
+    meta = dataset_metadata(codebook_size=tok.config.codebook_size, tokenizer_id=tok.id, grid=tok.grid,
+                            preprocess=tok.preprocess.to_dict(), vqtok_version="test")
+    units = [Unit(url=f"mem://unit-{i:03d}", kind="tar") for i in range(n_parts)]
+    output = TokenOutput.open(str(out), meta, units, tokenizer_location=str(tokenizer) if record_location else None)
+    for unit, index in output.pending(units):
+        sl = slice(index * ROWS_PER_PART, (index + 1) * ROWS_PER_PART)
+        grids = grids_all[sl]
+        keys = [f"img{i:06d}" for i in range(sl.start, sl.stop)]
+        output.commit(unit, index, part_table(meta, keys, grids, [int(x) for x in labels[sl]], unit.url), [])
+    return out
+
+
+@pytest.fixture(scope="module")
+def tokens(tmp_path_factory, bundle) -> Path:
+    return write_token_dataset(tmp_path_factory.mktemp("tokens") / "train", bundle, 4)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tokens) -> tuple[Path, subprocess.CompletedProcess]:
+    out = tmp_path_factory.mktemp("prior") / "run"
+    r = run_cli("train-prior", "--tokens", str(tokens), "--out", str(out), "--steps", "120", "--batch-size", "32",
+                "--log-every", "20", "--eval-every", "60", "--lr", "3e-3", "--warmup-steps", "10", *TINY_PRIOR)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+# ----------------------------------------------------------------------------------------------
+# The reader
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("workers", [1, 2, 3, 5])  # 5 > 4 parts: rows are strided instead of parts
+def test_ranks_read_disjoint_shares_that_cover_every_row_each_epoch(tokens, workers):
+    corpus = TokenCorpus([str(tokens)])
+    for epoch in (0, 1):
+        seen = []
+        for rank in range(workers):
+            s = TokenStream(corpus.parts, corpus.grid, seed=3, rank=rank, world_size=workers, shuffle_buffer=64)
+            rows = [t for e, t, _ in _take_epoch(s, epoch)]
+            assert sum(len(t) for t in rows) == s.epoch_rows(epoch)
+            seen.append(np.concatenate(rows))
+        allrows = np.concatenate(seen)
+        assert len(allrows) == corpus.num_rows == 4 * ROWS_PER_PART
+        ref = TokenDataset(str(tokens)).to_numpy()[0].reshape(len(allrows), -1)
+        assert sorted(map(bytes, allrows)) == sorted(map(bytes, ref))  # each row exactly once
+
+
+def _take_epoch(stream: TokenStream, epoch: int):
+    skip = sum(stream.epoch_rows(e) for e in range(epoch))
+    for e, t, lab in stream.rows(skip):
+        if e != epoch:
+            return
+        yield e, t, lab
+
+
+def test_stream_is_shuffled_and_resumes_exactly_where_it_stopped(tokens):
+    corpus = TokenCorpus([str(tokens)])
+    s = TokenStream(corpus.parts, corpus.grid, seed=1, shuffle_buffer=100)
+    it = s.batches(32)
+    run = [next(it) for _ in range(60)]  # three epochs and a bit
+    assert run[-1].epoch >= 2
+    resumed = s.batches(32, skip=run[24].consumed)
+    for a in run[25:]:
+        b = next(resumed)
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.labels, b.labels) and a.consumed == b.consumed
+    in_order = TokenDataset(str(tokens)).to_numpy()[0][:32]
+    assert not np.array_equal(run[0].tokens.numpy(), in_order)
+    e0 = np.concatenate([run[i].tokens.numpy() for i in range(18)]).reshape(18 * 32, -1)
+    e1 = np.concatenate([run[i].tokens.numpy() for i in range(19, 37)]).reshape(18 * 32, -1)
+    assert not np.array_equal(e0[:100], e1[:100])  # epochs are shuffled differently
+
+
+def test_corpus_statistics(tokens):
+    corpus = TokenCorpus([str(tokens)])
+    stats = corpus.stats()
+    grids, labels = TokenDataset(str(tokens)).to_numpy()
+    p = np.bincount(grids.reshape(-1), minlength=corpus.codebook_size) / grids.size
+    p = p[p > 0]
+    assert stats.unigram_entropy_bits == pytest.approx(float(-(p * np.log2(p)).sum()))
+    assert stats.max_label == labels.max() and stats.labeled_rows == len(labels) and not stats.sampled
+    assert corpus.stats(max_rows=100).rows == 100
+
+
+# ----------------------------------------------------------------------------------------------
+# Mixed tokenizers are refused
+# ----------------------------------------------------------------------------------------------
+def test_datasets_from_different_tokenizers_are_refused(tmp_path, tokens):
+    other = make_bundle(tmp_path / "other", seed=5)
+    other_ds = write_token_dataset(tmp_path / "other-tokens", other, 1, seed=1)
+    with pytest.raises(DataError, match="different tokenizers|made by tokenizer"):
+        TokenCorpus([str(tokens), str(other_ds)])
+    # a part copied in from the other dataset: the manifest says one tokenizer, the part another
+    mixed = tmp_path / "mixed"
+    import shutil
+
+    shutil.copytree(tokens, mixed)
+    shutil.copy(other_ds / "part-000000.parquet", mixed / "part-000002.parquet")
+    with pytest.raises(DataError, match="part .*part-000002.parquet was made by tokenizer"):
+        TokenCorpus([str(mixed)])
+    r = run_cli("train-prior", "--tokens", str(mixed), "--out", str(tmp_path / "p"), "--steps", "5", timeout=120)
+    assert r.returncode == 2 and "mixes tokenizers" in r.stderr, r.stderr[-2000:]
+    r = run_cli("train-prior", "--tokens", str(tokens), "--val-tokens", str(other_ds), "--out", str(tmp_path / "p"),
+                "--steps", "5", timeout=120)
+    assert r.returncode == 2 and "held-out tokens must come from the same tokenizer" in r.stderr, r.stderr[-2000:]
+    r = run_cli("train-prior", "--tokens", str(tokens), "--tokenizer", str(other), "--out", str(tmp_path / "p"),
+                "--steps", "5", timeout=120)
+    assert r.returncode == 2 and "pass the tokenizer that wrote --tokens" in r.stderr, r.stderr[-2000:]
+
+
+# ----------------------------------------------------------------------------------------------
+# The job
+# ----------------------------------------------------------------------------------------------
+def test_train_prior_learns_and_writes_its_outputs(trained, tokens, bundle):
+    out, r = trained
+    m = json.loads((out / "metrics.json").read_text())
+    history = m["history"]
+    first = float(next(line for line in r.stdout.splitlines() if "step 20/120" in line).split("bits ")[1].split()[0])
+    assert history[-1]["eval_bits"] < first - 0.3, (first, history)  # it learned
+    assert m["train_eval"]["bits_per_token"] < m["unigram_entropy_bits"]  # and beats the unigram model
+    assert m["num_classes"] == 10 and m["tokenizer_id"] == Tokenizer.load(bundle).id
+    assert "tok/s" in r.stdout and "unigram entropy" in r.stdout and "bits/token" in r.stdout
+    cfg = json.loads((out / "prior" / "config.json").read_text())
+    assert cfg["tokenizer"] == {"id": Tokenizer.load(bundle).id, "path": str(Path(bundle).resolve())}
+    assert Image.open(out / "samples.png").size[0] > 0
+
+
+def test_prior_load_sample_decodes_to_the_tokenizers_image_size(trained, bundle):
+    out, _ = trained
+    prior = Prior.load(out)
+    tok = Tokenizer.load(bundle)
+    s = prior.sample(12, classes=[0, 1, 2] * 4, seed=0, top_k=10)
+    assert s.tokens.shape == (12, *tok.grid) and s.tokens.max() < tok.config.codebook_size
+    assert s.images.shape == (12, tok.preprocess.image_size, tok.preprocess.image_size) and s.images.dtype == torch.uint8
+    again = prior.sample(12, classes=[0, 1, 2] * 4, seed=0, top_k=10)
+    assert torch.equal(s.tokens, again.tokens)  # a seed fixes the samples
+
+
+def test_sample_cli_writes_grid_images_and_tokens(trained, tmp_path, bundle):
+    out, _ = trained
+    r = run_cli("sample", "--prior", str(out), "--n", "20", "--class", "3", "--temperature", "0.9", "--top-p", "0.9",
+                "--cfg-scale", "2", "--out", str(tmp_path / "grid.png"), "--save-images", str(tmp_path / "imgs"),
+                "--save-tokens", str(tmp_path / "t.parquet"), timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "wrote" in r.stdout and "samples/s" in r.stdout
+    pngs = sorted((tmp_path / "imgs").glob("*.png"))
+    assert len(pngs) == 20 and all(p.name.endswith("-class3.png") for p in pngs)
+    assert Image.open(pngs[0]).size == (28, 28)
+    table = pq.read_table(tmp_path / "t.parquet")
+    assert table.num_rows == 20 and set(table.column("label").to_pylist()) == {3}
+    meta = json.loads(table.schema.metadata[b"vqtok"])
+    assert meta["tokenizer_id"] == Tokenizer.load(bundle).id
+    r = run_cli("sample", "--prior", str(out), "--n", "10", "--out", str(tmp_path / "all.png"),
+                "--save-tokens", str(tmp_path / "t.npy"), timeout=120)
+    assert r.returncode == 0 and np.load(tmp_path / "t.npy").shape == (10, 7, 7), r.stderr[-2000:]
+
+
+def test_sampling_refuses_a_tokenizer_the_prior_was_not_trained_for(trained, tmp_path):
+    out, _ = trained
+    other = make_bundle(tmp_path / "other", seed=9)
+    r = run_cli("sample", "--prior", str(out), "--n", "4", "--tokenizer", str(other), "--out", str(tmp_path / "g.png"),
+                timeout=120)
+    assert r.returncode == 2 and "is not the one this prior was trained for" in r.stderr, r.stderr[-2000:]
+    r = run_cli("sample", "--prior", str(out), "--n", "4", "--class", "12", "--out", str(tmp_path / "g.png"), timeout=120)
+    assert r.returncode == 2 and "--class 12: this prior has classes 0..9" in r.stderr
+
+
+def test_a_run_directory_of_a_prior_for_another_tokenizer_is_refused(trained, tmp_path):
+    out, _ = trained
+    other = make_bundle(tmp_path / "other", seed=7)
+    other_ds = write_token_dataset(tmp_path / "other-tokens", other, 1, seed=1)
+    r = run_cli("train-prior", "--tokens", str(other_ds), "--out", str(out), "--steps", "130", *TINY_PRIOR, timeout=120)
+    assert r.returncode == 2 and "different model or tokenizer" in r.stderr and "tokenizer_id" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--n-embd", "30", "--n-head", "4"], "must be divisible by --n-head"),
+    (["--num-classes", "3"], "the data has labels up to 9"),
+    (["--batch-size", "0"], "--batch-size 0: must be at least 1"),
+    (["--workers", "2", "--batch-size", "33"], "must split evenly"),
+])
+def test_bad_arguments_are_named(tokens, tmp_path, args, message):
+    r = run_cli("train-prior", "--tokens", str(tokens), "--out", str(tmp_path / "p"), "--steps", "5", *args, timeout=120)
+    assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
+
+
+def test_not_a_token_dataset(tmp_path):
+    r = run_cli("train-prior", "--tokens", str(tmp_path), "--out", str(tmp_path / "p"), timeout=120)
+    assert r.returncode == 2 and "is not a token dataset" in r.stderr
+
+
+def test_resume_after_kill(tokens, tmp_path):
+    """SIGKILL mid-run, then the same command: it resumes from the last checkpoint and finishes
+    with the model the uninterrupted run would have (same data order, same optimizer state)."""
+    out = tmp_path / "run"
+    args = ["-m", "vqtok.jobs.train_prior", "--tokens", str(tokens), "--out", str(out), "--steps", "1000",
+            "--batch-size", "32", "--checkpoint-every", "50", "--log-every", "50", "--eval-every", "1000",
+            "--no-sample-grid", "--dropout", "0", *TINY_PRIOR]
+    env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+    wait_for(lambda: (out / "checkpoints" / "step-00000100.pt").exists() or proc.poll() is not None, timeout=120)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "metrics.json").exists()
+    r = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "resumed from step" in r.stdout
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["resumed_from"] >= 100 and m["steps"] == 1000
+    # the same run without interruption ends with the same weights
+    clean = tmp_path / "clean"
+    r = train_prior(tokens=[str(tokens)], out=str(clean), steps=1000, batch_size=32, checkpoint_every=50,
+                    log_every=50, eval_every=1000, sample_grid=False, dropout=0.0, n_layer=2, n_head=2, n_embd=32)
+    a, b = Prior.load(out).state_dict(), Prior.load(clean).state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
