@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test test-slow test-all bench-quality bench-tokenize clean
+.PHONY: install demo test test-slow test-all bench-quality bench-tokenize bench-prior bench-prior-throughput clean
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,6 +41,14 @@ bench-quality: $(STAMP)
 
 bench-tokenize: $(STAMP)
 	$(BIN)/python benchmarks/tokenize_throughput.py
+
+# needs the tokenizer bench-quality writes (benchmarks/out/quality/ours/tokenizer); about an hour on 2 cores
+bench-prior: $(STAMP)
+	$(BIN)/python benchmarks/prior_quality.py
+
+# reads the token dataset bench-prior writes
+bench-prior-throughput: $(STAMP)
+	$(BIN)/python benchmarks/prior_throughput.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -254,3 +254,44 @@ def test_resume_after_kill(tokens, tmp_path):
                     log_every=50, eval_every=1000, sample_grid=False, dropout=0.0, n_layer=2, n_head=2, n_embd=32)
     a, b = Prior.load(out).state_dict(), Prior.load(clean).state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray Train and object stores (slow)
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_two_ray_train_workers_train_and_a_rerun_resumes(tokens, tmp_path):
+    out = tmp_path / "run"
+    common = ["train-prior", "--tokens", str(tokens), "--out", str(out), "--workers", "2", "--batch-size", "32",
+              "--checkpoint-every", "20", "--log-every", "20", "--eval-every", "40", "--lr", "3e-3",
+              "--warmup-steps", "10", *TINY_PRIOR]
+    r = run_cli(*common, "--steps", "80", timeout=600)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert "on Ray Train with 2 workers" in r.stdout
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["workers"] == 2 and m["train_eval"]["bits_per_token"] < m["unigram_entropy_bits"]
+    assert (out / "ray_train").is_dir() and (out / "prior" / "model.safetensors").is_file()
+    r = run_cli(*common, "--steps", "100", timeout=600)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert "resumed from step 80" in r.stdout
+    assert json.loads((out / "metrics.json").read_text())["resumed_from"] == 80
+    s = Prior.load(out).sample(4, classes=1, seed=0)
+    assert s.images.shape == (4, 28, 28)
+
+
+@pytest.mark.slow
+def test_token_datasets_on_an_object_store(tokens, tmp_path, s3_env):
+    import fsspec
+
+    fs = fsspec.filesystem("s3")
+    fs.put(str(tokens), "vqtok/prior-tokens", recursive=True)
+    corpus = TokenCorpus(["s3://vqtok/prior-tokens"])
+    assert corpus.parts[0].url.startswith("s3://") and corpus.num_rows == 4 * ROWS_PER_PART
+    local = TokenCorpus([str(tokens)])
+    assert corpus.stats().unigram_entropy_bits == pytest.approx(local.stats().unigram_entropy_bits)
+    a = next(TokenStream(corpus.parts, corpus.grid, seed=2).batches(50))
+    b = next(TokenStream(local.parts, local.grid, seed=2).batches(50))
+    assert torch.equal(a.tokens, b.tokens)
+    r = train_prior(tokens=["s3://vqtok/prior-tokens"], out=str(tmp_path / "p"), steps=10, batch_size=16,
+                    sample_grid=False, n_layer=1, n_head=2, n_embd=16)
+    assert r.metrics["data"]["datasets"] == ["s3://vqtok/prior-tokens"]
