@@ -21,6 +21,7 @@ _EXPORTS = {
     "TrainConfig": "jobs.train_vqvae", "TrainResult": "jobs.train_vqvae", "train_vqvae": "jobs.train_vqvae",
     "train_prior": "jobs.train_prior", "PriorTrainConfig": "jobs.train_prior", "PriorResult": "jobs.train_prior",
     "sample": "jobs.sample", "SampleConfig": "jobs.sample",
+    "Pipeline": "jobs.workflow", "PipelineConfig": "jobs.workflow", "demo": "jobs.demo",
     "nearest_code": "kernels",
     "Preprocess": "models", "Tokenizer": "models", "VQVAEConfig": "models", "Prior": "models", "PriorConfig": "models",
     "convert": "pipeline.convert",
@@ -41,7 +42,9 @@ def __getattr__(name: str):
 if TYPE_CHECKING:  # pragma: no cover
     from .jobs.eval_vqvae import eval_vqvae
     from .jobs.tokenize import TokenizeConfig, TokenizeResult, tokenize
+    from .jobs.demo import demo
     from .jobs.sample import SampleConfig, sample
+    from .jobs.workflow import Pipeline, PipelineConfig
     from .jobs.train_prior import PriorResult, PriorTrainConfig, train_prior
     from .jobs.train_vqvae import TrainConfig, TrainResult, train_vqvae
     from .kernels import nearest_code
@@ -62,5 +65,6 @@ __all__ = [
     "TrainConfig", "TrainResult", "train_vqvae", "eval_vqvae", "Tokenizer", "VQVAEConfig", "Preprocess",
     "tokenize", "TokenizeConfig", "TokenizeResult", "TokenDataset",
     "train_prior", "PriorTrainConfig", "PriorResult", "Prior", "PriorConfig", "sample", "SampleConfig",
+    "Pipeline", "PipelineConfig", "demo",
     "nearest_code", "convert", "list_units", "ConfigError", "DataError", "__version__",
 ]

@@ -4,12 +4,20 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .jobs import eval_vqvae, sample, tokenize, train_prior, train_vqvae
+from .jobs import demo, eval_vqvae, sample, tokenize, train_prior, train_vqvae
 from .pipeline.errors import ConfigError, DataError
 
 
 def _train(args) -> int:
     train_vqvae.train_vqvae(train_vqvae.config_from_args(args))
+    return 0
+
+
+def _run_pipeline(args) -> int:
+    from .jobs.workflow import Pipeline, PipelineConfig
+
+    stages = [s.strip() for s in args.stages.split(",")] if args.stages else None
+    Pipeline(PipelineConfig.load(args.config)).run(stages, force=args.force)
     return 0
 
 
@@ -38,6 +46,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vqtok", description="Image tokenization at corpus scale.")
     p.add_argument("--version", action="version", version=f"vqtok {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    d = sub.add_parser("demo", help="the whole path on the bundled sample: tokenizer, tokens, prior, samples")
+    demo.add_arguments(d)
+    d.set_defaults(func=demo.run_from_args)
+
+    r = sub.add_parser("run", help="run a pipeline config (YAML/JSON): train, tokenize, train-prior, sample")
+    r.add_argument("config", help="a pipeline config file (see examples/)")
+    r.add_argument("--stages", help="comma-separated stages to run (default: all; done ones are skipped)")
+    r.add_argument("--force", action="store_true", help="re-run stages whose output exists")
+    r.set_defaults(func=_run_pipeline)
 
     t = sub.add_parser("train-vqvae", help="train a VQ-VAE tokenizer")
     train_vqvae.add_arguments(t)

@@ -174,8 +174,9 @@ def train_prior(cfg: PriorTrainConfig | None = None, **options) -> PriorResult:
         address=cfg.address, workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker,
         cpus_per_worker=cfg.cpus_per_worker, max_failures=cfg.max_failures, keep_checkpoints=cfg.keep_checkpoints,
         what=f"training the prior ({per} token grids per worker per step)")
-    metrics = read_json(storage, "metrics.json")
-    return PriorResult(storage, f"{storage}/prior", metrics, metrics.get("samples"), metrics.get("resumed_from"))
+    metrics = read_json(storage, "metrics.json")  # rank 0 wrote (or uploaded) it with the rest
+    samples = f"{storage}/samples.png" if metrics.get("samples") else None
+    return PriorResult(storage, f"{storage}/prior", metrics, samples, metrics.get("resumed_from"))
 
 
 def _tokenizer_location(cfg: PriorTrainConfig, corpus: TokenCorpus) -> str:

@@ -1,0 +1,260 @@
+"""The whole path in one object: images -> tokenizer -> token dataset -> prior -> samples.
+
+    cfg = PipelineConfig.load("examples/pipeline-fashion-mnist.yaml")   # or PipelineConfig(out=..., data=[...])
+    result = Pipeline(cfg).run()              # every stage; a stage whose output exists is skipped
+    Pipeline(cfg).run(stages=["sample"])      # one stage (its inputs must exist)
+
+Stages and where they write (under cfg.out):
+    convert      shards/          the images as WebDataset shards (only with convert_shard_size)
+    train        tokenizer-run/   `vqtok train-vqvae` (tokenizer-run/tokenizer is the bundle)
+    tokenize     tokens/          `vqtok tokenize`
+    train-prior  prior/           `vqtok train-prior`
+    sample       samples.png      `vqtok sample`
+
+Each stage calls the same function as its CLI command, with that command's config built from the
+section of the same name ("train", "tokenize", "prior", "sample": any option of that command, by
+field name). The resolved config is saved as OUT/pipeline.json, and each job saves its own next to
+its outputs.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import load_config_file, save_json
+from ..pipeline.errors import ConfigError
+from ..pipeline.progress import fmt_duration
+from ..pipeline.sources import split_patterns
+from .sample import SampleConfig, sample
+from .tokenize import TokenizeConfig, run as run_tokenize
+from .train_prior import PriorTrainConfig, train_prior
+from .train_vqvae import TrainConfig, train_vqvae
+
+STAGES = ("convert", "train", "tokenize", "train-prior", "sample")
+_FIXED = {  # options each stage takes from the pipeline itself, not from its section
+    "train": {"data", "out", "val_data"},
+    "tokenize": {"tokenizer", "data", "out"},
+    "prior": {"tokens", "out", "val_tokens"},
+    "sample": {"prior", "out"},
+}
+
+
+@dataclass(kw_only=True)
+class PipelineConfig:
+    out: str  # the pipeline's directory
+    data: list[str]  # images: the tokenizer trains on them and they are tokenized
+    val_data: list[str] = field(default_factory=list)  # held-out images: tokenizer metrics, prior bits/token
+    convert_shard_size: int = 0  # > 0: first write data as WebDataset shards of this many images
+    address: str | None = None  # a Ray cluster for every Ray stage (default: embedded local Ray)
+    train: dict = field(default_factory=dict)  # TrainConfig options (model: VQVAEConfig options)
+    tokenize: dict = field(default_factory=dict)  # TokenizeConfig options
+    prior: dict = field(default_factory=dict)  # PriorTrainConfig options
+    sample: dict = field(default_factory=dict)  # SampleConfig options
+
+    def __post_init__(self):
+        self.data = split_patterns(self.data) if self.data else []
+        self.val_data = split_patterns(self.val_data) if self.val_data else []
+        if not self.out:
+            raise ConfigError("pipeline: `out` is required (the directory every stage writes under)")
+        if not self.data:
+            raise ConfigError("pipeline: `data` is required (images: paths or URL patterns)")
+        if self.convert_shard_size < 0:
+            raise ConfigError(f"pipeline: convert_shard_size {self.convert_shard_size}: 0 (off) or more")
+        for section in ("train", "tokenize", "prior", "sample"):
+            value = getattr(self, section)
+            if not isinstance(value, dict):
+                raise ConfigError(f"pipeline: `{section}` must be a mapping of {section} options, got {value!r}")
+            fixed = sorted(_FIXED[section] & set(value))
+            if fixed:
+                raise ConfigError(f"pipeline.{section}: {fixed} are set by the pipeline (from out, data, val_data); "
+                                  f"remove them from the {section} section")
+        # build every stage's config now: a bad option fails here, named, before hours of training
+        for stage in ("train", "tokenize", "train-prior", "sample"):
+            self.stage_config(stage)
+
+    # --- where things go ----------------------------------------------------------------------
+    @property
+    def root(self) -> Path:
+        return Path(self.out)
+
+    def path(self, stage: str) -> Path:
+        return self.root / {"convert": "shards", "train": "tokenizer-run", "tokenize": "tokens",
+                            "train-prior": "prior", "sample": "samples.png"}[stage]
+
+    @property
+    def tokenizer_dir(self) -> Path:
+        return self.path("train") / "tokenizer"
+
+    def _inputs(self) -> list[str]:
+        return [str(self.path("convert"))] if self.convert_shard_size else self.data
+
+    def stage_config(self, stage: str):
+        """The job config a stage runs with."""
+        try:
+            if stage == "train":
+                opts = dict(self.train)
+                opts.setdefault("address", self.address)
+                return TrainConfig.from_dict({**opts, "data": self._inputs(), "out": str(self.path("train")),
+                                              "val_data": self.val_data})
+            if stage == "tokenize":
+                opts = dict(self.tokenize)
+                opts.setdefault("address", self.address)
+                _check_fields(opts, TokenizeConfig, "pipeline.tokenize")
+                cfg = TokenizeConfig(**opts, tokenizer=str(self.tokenizer_dir), data=self._inputs(),
+                                     out=str(self.path("tokenize")))
+                cfg.validate()
+                return cfg
+            if stage == "train-prior":
+                opts = dict(self.prior)
+                opts.setdefault("address", self.address)
+                return PriorTrainConfig.from_dict({**opts, "tokens": [str(self.path("tokenize"))],
+                                                   "out": str(self.path("train-prior")),
+                                                   "val_tokens": [str(self.root / "val-tokens")] if self.val_data else []})
+            if stage == "sample":
+                _check_fields(self.sample, SampleConfig, "pipeline.sample")
+                cfg = SampleConfig(**self.sample, prior=str(self.path("train-prior")), out=str(self.path("sample")))
+                cfg.validate()
+                return cfg
+        except ConfigError as e:
+            raise ConfigError(f"pipeline.{'prior' if stage == 'train-prior' else stage}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"pipeline.{stage}: {e}") from None
+        raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+
+    # --- files ----------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PipelineConfig":
+        _check_fields(d, cls, "pipeline")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str) -> "PipelineConfig":
+        """From a YAML (.yaml/.yml) or JSON file."""
+        return cls.from_dict(load_config_file(path))
+
+
+def _check_fields(d: dict, cls, where: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown option(s) {unknown}; known: {sorted(known)}")
+
+
+@dataclass
+class PipelineResult:
+    out: str
+    tokenizer: str
+    tokens: str
+    prior: str
+    samples: str
+    reconstructions: str
+    ran: list[str]  # stages run this time
+    skipped: list[str]  # stages whose output existed
+    seconds: float
+    results: dict = field(default_factory=dict)  # stage -> that job's result object
+
+
+class Pipeline:
+    def __init__(self, cfg: PipelineConfig):
+        self.cfg = cfg
+
+    def done(self, stage: str) -> bool:
+        """Has this stage's output been written completely (so a run can skip it)?"""
+        c = self.cfg
+        if stage == "convert":
+            return not c.convert_shard_size or (c.path("convert") / "_done.json").is_file()
+        if stage == "train":
+            return _finished(c.path("train") / "metrics.json", c.stage_config("train").steps)
+        if stage == "tokenize":
+            from ..pipeline.sources import list_units
+            from ..pipeline.tokens import MANIFEST
+
+            manifest = c.path("tokenize") / MANIFEST
+            if not manifest.is_file():
+                return False
+            committed = json.loads(manifest.read_text()).get("committed", {})
+            return all(u.url in committed for u in list_units(c._inputs()))
+        if stage == "train-prior":
+            return _finished(c.path("train-prior") / "metrics.json", c.stage_config("train-prior").steps)
+        if stage == "sample":
+            return c.path("sample").is_file()
+        raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+
+    def run(self, stages: list[str] | None = None, *, force: bool = False) -> PipelineResult:
+        """Run the stages in order (all by default), skipping those already done unless force."""
+        c = self.cfg
+        todo = list(stages or STAGES)
+        bad = [s for s in todo if s not in STAGES]
+        if bad:
+            raise ConfigError(f"unknown stage(s) {bad}; stages: {', '.join(STAGES)}")
+        c.root.mkdir(parents=True, exist_ok=True)
+        save_json(c.to_dict(), c.root / "pipeline.json")
+        t0 = time.time()
+        ran, skipped, results = [], [], {}
+        for stage in STAGES:
+            if stage not in todo:
+                continue
+            if stage == "convert" and not c.convert_shard_size:
+                continue
+            if not force and self.done(stage):
+                print(f"vqtok pipeline: {stage}: output exists ({c.path(stage)}), skipping", flush=True)
+                skipped.append(stage)
+                continue
+            print(f"vqtok pipeline: {stage} -> {c.path(stage)}", flush=True)
+            t = time.time()
+            results[stage] = self._run_stage(stage)
+            print(f"vqtok pipeline: {stage} done in {fmt_duration(time.time() - t)}", flush=True)
+            ran.append(stage)
+        res = PipelineResult(str(c.root), str(c.tokenizer_dir), str(c.path("tokenize")), str(c.path("train-prior")),
+                             str(c.path("sample")), str(c.path("train") / "reconstructions.png"), ran, skipped,
+                             time.time() - t0, results)
+        print(summary(res), flush=True)
+        return res
+
+    def _run_stage(self, stage: str):
+        c = self.cfg
+        if stage == "convert":
+            from ..pipeline.convert import convert
+
+            r = convert(c.data, str(c.path("convert")), shard_size=c.convert_shard_size)
+            save_json({"images": r.images, "shards": r.shards}, c.path("convert") / "_done.json")
+            return r
+        if stage == "train":
+            return train_vqvae(c.stage_config("train"))
+        if stage == "tokenize":
+            r = run_tokenize(c.stage_config("tokenize"))
+            if c.val_data:  # held-out images, tokenized for the prior's bits per token
+                val = c.stage_config("tokenize")
+                val.data, val.out = c.val_data, str(c.root / "val-tokens")
+                run_tokenize(val)
+            return r
+        if stage == "train-prior":
+            return train_prior(c.stage_config("train-prior"))
+        if stage == "sample":
+            return sample(c.stage_config("sample"))
+        raise ConfigError(f"unknown stage {stage!r}")
+
+
+def _finished(metrics: Path, steps: int) -> bool:
+    try:
+        return json.loads(metrics.read_text()).get("steps") == steps
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+
+
+def summary(r: PipelineResult) -> str:
+    lines = [f"vqtok pipeline: done in {fmt_duration(r.seconds)} (ran: {', '.join(r.ran) or 'nothing'}; "
+             f"skipped, output existed: {', '.join(r.skipped) or 'nothing'})",
+             f"  tokenizer        {r.tokenizer}",
+             f"  reconstructions  {r.reconstructions}",
+             f"  token dataset    {r.tokens}",
+             f"  prior            {r.prior}",
+             f"  samples          {r.samples}",
+             f"  config           {Path(r.out) / 'pipeline.json'}"]
+    return "\n".join(lines)

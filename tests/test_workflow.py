@@ -1,0 +1,77 @@
+"""The pipeline API (one config, every stage, skip what exists), its config files and errors, and
+the demo command."""
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from conftest import REPO, SAMPLE_DIR, run_cli
+from vqtok import ConfigError, Pipeline, PipelineConfig, TokenDataset
+
+TINY_TRAIN = {"steps": 30, "batch_size": 32, "log_every": 10, "checkpoint_every": 30,
+              "model": {"width": 32, "code_dim": 16, "codebook_size": 32, "res_blocks": 1}}
+TINY_PRIOR = {"steps": 30, "batch_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 32, "log_every": 10,
+              "eval_every": 30, "checkpoint_every": 30}
+
+
+def tiny(out: Path) -> PipelineConfig:
+    return PipelineConfig(out=str(out), data=[str(SAMPLE_DIR)], train=dict(TINY_TRAIN), tokenize={"workers": 1},
+                          prior=dict(TINY_PRIOR), sample={"n": 20})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"colour": 1}, "pipeline: unknown option(s) ['colour']"),
+    ({"prior": {"n_embed": 64}}, "pipeline.prior: train-prior config: unknown option(s) ['n_embed']"),
+    ({"prior": {"n_embd": 30, "n_head": 4}}, "pipeline.prior: --n-embd 30 must be divisible by --n-head 4"),
+    ({"train": {"model": {"downsample": 3}}}, "downsample"),
+    ({"train": {"data": ["x"]}}, "pipeline.train: ['data'] are set by the pipeline"),
+    ({"sample": {"top_p": 2}}, "pipeline.sample: --top-p 2: must be in (0, 1]"),
+    ({"tokenize": {"workers": 0}}, "pipeline.tokenize: --workers 0: must be at least 1"),
+    ({"data": []}, "pipeline: `data` is required"),
+])
+def test_config_errors_name_the_section_and_option(tmp_path, change, message):
+    d = tiny(tmp_path).to_dict() | change
+    with pytest.raises(ConfigError) as e:
+        PipelineConfig.from_dict(d)
+    assert message in str(e.value)
+
+
+def test_config_files_yaml_and_json(tmp_path):
+    import yaml
+
+    d = tiny(tmp_path / "run").to_dict()
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(d))
+    (tmp_path / "p.json").write_text(json.dumps(d))
+    assert PipelineConfig.load(str(tmp_path / "p.yaml")) == PipelineConfig.load(str(tmp_path / "p.json")) == tiny(tmp_path / "run")
+    for example in sorted((REPO / "examples").glob("pipeline-*.yaml")):  # the shipped examples are valid
+        PipelineConfig.load(str(example))
+    r = run_cli("run", str(tmp_path / "missing.yaml"))
+    assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_pipeline_runs_every_stage_then_skips_what_exists(tmp_path):
+    cfg = tiny(tmp_path / "run")
+    res = Pipeline(cfg).run()
+    assert res.ran == ["train", "tokenize", "train-prior", "sample"] and res.skipped == []
+    assert TokenDataset(res.tokens).num_rows == 10_000
+    assert Image.open(res.samples).size[0] > 0 and Path(res.reconstructions).is_file()
+    saved = json.loads((tmp_path / "run" / "pipeline.json").read_text())
+    assert PipelineConfig.from_dict(saved) == cfg  # the resolved config is saved next to the outputs
+    again = Pipeline(cfg).run()
+    assert again.ran == [] and again.skipped == ["train", "tokenize", "train-prior", "sample"]
+    Path(res.samples).unlink()
+    assert Pipeline(cfg).run().ran == ["sample"]
+
+
+@pytest.mark.slow
+def test_demo_quick_runs_every_stage_on_embedded_ray(tmp_path):
+    out = tmp_path / "demo"
+    r = run_cli("demo", "--quick", "--out", str(out), timeout=900)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    for line in ("reconstructions", "token dataset", "samples"):
+        assert line in r.stdout
+    assert "on Ray Train with 2 workers" in r.stdout
+    assert len(list((out / "shards").glob("*.tar"))) == 4
+    assert TokenDataset(str(out / "tokens")).num_rows == 10_000
+    assert Image.open(out / "samples.png").size[0] > 0
