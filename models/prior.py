@@ -331,7 +331,10 @@ class Prior(nn.Module):
         tok = self.load_tokenizer(tokenizer) if decode else None  # fail before sampling, not after
         device = next(self.parameters()).device
         gen = torch.Generator(device=device)
-        gen.manual_seed(seed if seed is not None else torch.seed())
+        if seed is None:
+            gen.seed()  # a fresh non-deterministic seed for this call only
+        else:
+            gen.manual_seed(seed)
         was_training = self.training
         self.eval()
         out = []

@@ -60,3 +60,43 @@ def test_ray_job_submit_runs_the_job_module(tmp_path, cluster, bundle, shards):
     assert r.returncode == 0, r.stdout + r.stderr
     assert "succeeded" in r.stdout and f"{4 * PER_SHARD:,} rows in 4 parts" in r.stdout, r.stdout
     assert "RuntimeWarning" not in r.stdout + r.stderr
+
+
+def test_job_submitted_with_the_sdk_and_a_runtime_env(tmp_path, cluster, bundle, shards):
+    """The Ray Jobs SDK with a runtime_env: a working_dir holding the user's script (it uses the
+    Python API) and env_vars carrying its arguments; the job runs on the cluster, we wait, and
+    check the token dataset it wrote."""
+    import time
+
+    from ray.job_submission import JobStatus, JobSubmissionClient
+
+    _, dashboard, env = cluster
+    work = tmp_path / "job"
+    work.mkdir()
+    (work / "tokenize_corpus.py").write_text(
+        "import os, vqtok\n"
+        "r = vqtok.tokenize(os.environ['TOKENIZER'], os.environ['DATA'], os.environ['OUT'], batch_size=64)\n"
+        "print(f'job wrote {r.rows} rows in {r.parts} parts')\n")
+    out = tmp_path / "tokens"
+    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE",)}
+    os.environ["RAY_AUTH_MODE"] = "token"  # the client authenticates like the CLI does
+    try:
+        client = JobSubmissionClient(dashboard)
+        job = client.submit_job(
+            entrypoint=f"{sys.executable} tokenize_corpus.py",
+            runtime_env={"working_dir": str(work),
+                         "env_vars": {"TOKENIZER": str(bundle), "DATA": str(shards), "OUT": str(out),
+                                      "OMP_NUM_THREADS": "1"}})
+        deadline = time.time() + 300
+        while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+            assert time.time() < deadline, "job did not finish in 5 minutes"
+            time.sleep(1)
+        logs = client.get_job_logs(job)
+        assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    assert f"job wrote {4 * PER_SHARD} rows in 4 parts" in logs
+    from vqtok import TokenDataset
+
+    assert TokenDataset(str(out)).num_rows == 4 * PER_SHARD
