@@ -62,14 +62,29 @@ def test_ray_job_submit_runs_the_job_module(tmp_path, cluster, bundle, shards):
     assert "RuntimeWarning" not in r.stdout + r.stderr
 
 
+SUBMIT = """
+import sys, time
+from ray.job_submission import JobStatus, JobSubmissionClient
+dashboard, work, python, tokenizer, data, out = sys.argv[1:]
+client = JobSubmissionClient(dashboard)
+job = client.submit_job(
+    entrypoint=f"{python} tokenize_corpus.py",
+    runtime_env={"working_dir": work,
+                 "env_vars": {"TOKENIZER": tokenizer, "DATA": data, "OUT": out, "OMP_NUM_THREADS": "1"}})
+deadline = time.time() + 300
+while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
+    if time.time() > deadline:
+        sys.exit("job did not finish in 5 minutes")
+    time.sleep(1)
+print(client.get_job_logs(job))
+print("STATUS", client.get_job_status(job))
+"""
+
+
 def test_job_submitted_with_the_sdk_and_a_runtime_env(tmp_path, cluster, bundle, shards):
-    """The Ray Jobs SDK with a runtime_env: a working_dir holding the user's script (it uses the
-    Python API) and env_vars carrying its arguments; the job runs on the cluster, we wait, and
-    check the token dataset it wrote."""
-    import time
-
-    from ray.job_submission import JobStatus, JobSubmissionClient
-
+    """The Ray Jobs SDK (JobSubmissionClient) with a runtime_env: a working_dir holding the user's
+    script (it uses the Python API) and env_vars carrying its arguments. The client runs in its own
+    process with the cluster's token-auth setting, as a user's would."""
     _, dashboard, env = cluster
     work = tmp_path / "job"
     work.mkdir()
@@ -78,25 +93,10 @@ def test_job_submitted_with_the_sdk_and_a_runtime_env(tmp_path, cluster, bundle,
         "r = vqtok.tokenize(os.environ['TOKENIZER'], os.environ['DATA'], os.environ['OUT'], batch_size=64)\n"
         "print(f'job wrote {r.rows} rows in {r.parts} parts')\n")
     out = tmp_path / "tokens"
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE",)}
-    os.environ["RAY_AUTH_MODE"] = "token"  # the client authenticates like the CLI does
-    try:
-        client = JobSubmissionClient(dashboard)
-        job = client.submit_job(
-            entrypoint=f"{sys.executable} tokenize_corpus.py",
-            runtime_env={"working_dir": str(work),
-                         "env_vars": {"TOKENIZER": str(bundle), "DATA": str(shards), "OUT": str(out),
-                                      "OMP_NUM_THREADS": "1"}})
-        deadline = time.time() + 300
-        while client.get_job_status(job) not in {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}:
-            assert time.time() < deadline, "job did not finish in 5 minutes"
-            time.sleep(1)
-        logs = client.get_job_logs(job)
-        assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-    assert f"job wrote {4 * PER_SHARD} rows in 4 parts" in logs
+    r = subprocess.run([sys.executable, "-c", SUBMIT, dashboard, str(work), sys.executable, str(bundle), str(shards),
+                        str(out)], capture_output=True, text=True, env=env, timeout=400)
+    assert r.returncode == 0 and "STATUS SUCCEEDED" in r.stdout, (r.stdout[-3000:], r.stderr[-3000:])
+    assert f"job wrote {4 * PER_SHARD} rows in 4 parts" in r.stdout
     from vqtok import TokenDataset
 
     assert TokenDataset(str(out)).num_rows == 4 * PER_SHARD
