@@ -18,13 +18,10 @@ $(STAMP): pyproject.toml requirements-lock.txt
 install: $(STAMP)
 
 # Main job on the embedded default (local Ray, local files, the bundled Fashion-MNIST sample):
-# train a tokenizer (resumes, so a second run skips straight to the end), write the sample as
-# WebDataset shards, tokenize them to a Parquet token dataset, and show what was written.
+# `vqtok demo` converts the sample to WebDataset shards, trains a tokenizer on 2 Ray Train workers,
+# tokenizes to Parquet, trains a class-conditional prior and samples a grid (a re-run skips what exists).
 demo: $(STAMP)
-	$(BIN)/vqtok train-vqvae --data examples/fashion-mnist --out $(DEMO_OUT) --steps 1500
-	$(BIN)/vqtok convert examples/fashion-mnist $(DEMO_OUT)/shards --shard-size 2500
-	$(BIN)/vqtok tokenize --tokenizer $(DEMO_OUT)/tokenizer --data $(DEMO_OUT)/shards --out $(DEMO_OUT)/tokens
-	$(BIN)/vqtok inspect $(DEMO_OUT)/tokens --rows 3
+	$(BIN)/vqtok demo --out $(DEMO_OUT)
 
 # The fast test suite (what every change must keep green).
 test: $(STAMP)

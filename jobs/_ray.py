@@ -35,12 +35,17 @@ def init_ray(address: str | None):
     if ray.is_initialized():
         return ray
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    # Ray Train tees every print in a worker to its logger as well, so each progress line would
+    # appear twice; vqtok's workers print their own progress
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
     if address is None and "RAY_ADDRESS" not in os.environ:
         # embedded: always a fresh local Ray owned by this process, even when `ray start` left a
-        # cluster running on this machine (join that one with --address auto)
+        # cluster running on this machine (join that one with --address auto). The dashboard
+        # (loopback only) serves the State API that Ray Train's placement-group cleaner polls;
+        # without it that actor logs a warning every few seconds.
         address = "local"
-        kwargs |= dict(include_dashboard=False, num_cpus=os.cpu_count())
+        kwargs |= dict(include_dashboard=True, dashboard_host="127.0.0.1", num_cpus=os.cpu_count())
     try:
         ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:

@@ -198,6 +198,12 @@ def _ray_entry(config: dict) -> None:
     import ray.train.torch
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # vqtok prints its own progress
+    try:  # Ray Train V2 logs every report at INFO under a logger named after its file
+        from ray.train.v2._internal.execution import context as _train_context
+
+        logging.getLogger(_train_context.__file__).setLevel(logging.WARNING)
+    except ImportError:
+        pass
     warnings.filterwarnings("ignore", message=".*broadcast_buffers.*is deprecated")
     warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     tc = ray.train.get_context()
