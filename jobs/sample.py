@@ -12,6 +12,7 @@ dataset schema with the class in `label`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..config import save_json
 from ..models.prior import Prior, Samples
 from ..pipeline.errors import ConfigError, DataError
 from ..pipeline.viz import save_sample_grid
@@ -92,6 +94,8 @@ def sample(cfg: SampleConfig | None = None, **options) -> SampleResult:
     grid = save_sample_grid(s.images.numpy(), s.labels.numpy(), cfg.out)
     images_dir = _save_images(s, cfg.save_images) if cfg.save_images else None
     tokens_file = _save_tokens(s, cfg.save_tokens, prior) if cfg.save_tokens else None
+    save_json(dataclasses.asdict(cfg) | {"prior_tokenizer_id": prior.cfg.tokenizer_id},
+              Path(grid).with_suffix(".json"))  # how these samples were drawn, beside the grid
     seconds = time.time() - t0
     print(f"vqtok sample: wrote {grid}" + (f", {cfg.n} PNGs in {images_dir}" if images_dir else "")
           + (f", token grids in {tokens_file}" if tokens_file else "")

@@ -1,7 +1,7 @@
 """Batch-tokenize a corpus to a Parquet token dataset: `vqtok tokenize` / `python -m vqtok.jobs.tokenize`
 (the Ray Jobs entry point) / `vqtok.tokenize(...)`; one code path.
 
-    result = vqtok.tokenize("runs/demo/tokenizer", ["shards/*.tar"], "out/tokens")
+    result = vqtok.tokenize("runs/demo/tokenizer-run/tokenizer", ["shards/*.tar"], "out/tokens")
     ds = vqtok.TokenDataset("out/tokens")
 
 Plan on the driver (units listed and sorted, fingerprint checked, committed units skipped), then a
@@ -13,6 +13,7 @@ again: it resumes and the dataset ends up exactly as a clean run writes it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -106,6 +107,7 @@ def run(cfg: TokenizeConfig) -> TokenizeResult:
     units = list_units(cfg.data)
     location = cfg.tokenizer if "://" in cfg.tokenizer else os.path.abspath(cfg.tokenizer)
     output = TokenOutput.open(cfg.out, meta, units, tokenizer_location=location)
+    output.write_config(dataclasses.asdict(cfg))
     pending = output.pending(units)
     skipped = len(units) - len(pending)
     say(f"vqtok tokenize: {len(units)} input units from {', '.join(cfg.data)}; {skipped} already committed in "

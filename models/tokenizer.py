@@ -1,6 +1,6 @@
 """The tokenizer bundle: a directory with config.json + model.safetensors, and the API around it.
 
-    tok = Tokenizer.load("runs/demo/tokenizer")
+    tok = Tokenizer.load("runs/demo/tokenizer-run/tokenizer")
     tokens = tok.encode(images)      # uint8 (B, H, W[, C]) numpy/tensor or list of PIL -> (B, h, w) int64
     images = tok.decode(tokens)      # -> uint8 (B, S, S) for grayscale, (B, S, S, 3) for RGB
     tok.id                           # sha256 of config.json then model.safetensors

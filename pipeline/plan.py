@@ -31,6 +31,9 @@ from .tokens import (ERRORS_DIR, FORMAT, MANIFEST, SCHEMA_VERSION, STAGING_DIR, 
                      read_manifest, sha256)
 
 
+CONFIG = "_tokenize_config.json"
+
+
 def fingerprint(meta: dict) -> str:
     """What must match for two runs to write into the same OUT: the tokenizer, the preprocessing
     and the schema version."""
@@ -109,6 +112,11 @@ class TokenOutput:
         self.manifest["committed"][unit.url] = record
         self._write_manifest()
         return record
+
+    def write_config(self, config: dict) -> None:
+        """The run's resolved options, saved beside the dataset as _tokenize_config.json (the
+        newest run's; `_`-prefixed, so dataset readers skip it)."""
+        self._put(CONFIG, (json.dumps(config, indent=1, sort_keys=True, default=str) + "\n").encode())
 
     def _write_manifest(self) -> None:
         self.manifest["updated"] = time.time()

@@ -58,6 +58,10 @@ def test_pipeline_runs_every_stage_then_skips_what_exists(tmp_path):
     assert Image.open(res.samples).size[0] > 0 and Path(res.reconstructions).is_file()
     saved = json.loads((tmp_path / "run" / "pipeline.json").read_text())
     assert PipelineConfig.from_dict(saved) == cfg  # the resolved config is saved next to the outputs
+    run = tmp_path / "run"  # and each stage's own, next to its output
+    for f in ("tokenizer-run/config.json", "tokens/_tokenize_config.json", "prior/config.json", "samples.json"):
+        assert (run / f).is_file(), f
+    assert json.loads((run / "samples.json").read_text())["n"] == 20
     again = Pipeline(cfg).run()
     assert again.ran == [] and again.skipped == ["train", "tokenize", "train-prior", "sample"]
     Path(res.samples).unlink()
