@@ -61,6 +61,10 @@ class PipelineConfig:
             raise ConfigError("pipeline: `out` is required (the directory every stage writes under)")
         if not self.data:
             raise ConfigError("pipeline: `data` is required (images: paths or URL patterns)")
+        if "://" in self.out and not self.out.startswith("file://"):
+            raise ConfigError(f"pipeline: out {self.out}: a pipeline writes under a local (or shared, mounted) "
+                              f"directory; the data may be URLs, and each job on its own (train-vqvae, tokenize, "
+                              f"train-prior) also writes to object-store URLs")
         if self.convert_shard_size < 0:
             raise ConfigError(f"pipeline: convert_shard_size {self.convert_shard_size}: 0 (off) or more")
         for section in ("train", "tokenize", "prior", "sample"):

@@ -29,6 +29,7 @@ def tiny(out: Path) -> PipelineConfig:
     ({"sample": {"top_p": 2}}, "pipeline.sample: --top-p 2: must be in (0, 1]"),
     ({"tokenize": {"workers": 0}}, "pipeline.tokenize: --workers 0: must be at least 1"),
     ({"data": []}, "pipeline: `data` is required"),
+    ({"out": "s3://bucket/run"}, "a pipeline writes under a local (or shared, mounted) directory"),
 ])
 def test_config_errors_name_the_section_and_option(tmp_path, change, message):
     d = tiny(tmp_path).to_dict() | change
