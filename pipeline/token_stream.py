@@ -75,13 +75,18 @@ class TokenCorpus:
                     f"prior per tokenizer"
                 )
         self.parts: list[TokenPart] = []
+        owners: list[TokenDataset] = []
         for ds in self.datasets:
             protocol = ds.fs.protocol if isinstance(ds.fs.protocol, str) else ds.fs.protocol[0]
             for part, path in zip(ds.parts, ds.files()):
                 url = path if protocol in ("file", "local") else f"{protocol}://{path}"
-                if check_parts:
-                    self._check_part(ds, url, what)
                 self.parts.append(TokenPart(url, part.rows))
+                owners.append(ds)
+        if check_parts:  # footers only; in parallel, since on an object store each is a request
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(lambda a: self._check_part(a[0], a[1].url, what), zip(owners, self.parts)))
         if not self.parts:
             raise DataError(f"{what}: {', '.join(paths)} holds no committed parts yet (is `vqtok tokenize` still running?)")
         self.metadata = first.metadata
