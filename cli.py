@@ -5,12 +5,7 @@ import argparse
 import sys
 
 from .jobs import demo, eval_vqvae, sample, tokenize, train_prior, train_vqvae
-from .pipeline.errors import ConfigError, DataError
-
-
-def _train(args) -> int:
-    train_vqvae.train_vqvae(train_vqvae.config_from_args(args))
-    return 0
+from .jobs._entry import run_command
 
 
 def _run_pipeline(args) -> int:
@@ -59,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train-vqvae", help="train a VQ-VAE tokenizer")
     train_vqvae.add_arguments(t)
-    t.set_defaults(func=_train)
+    t.set_defaults(func=train_vqvae.run_from_args)
 
     e = sub.add_parser("eval-vqvae", help="held-out metrics and reconstructions for a tokenizer")
     eval_vqvae.add_arguments(e)
@@ -94,14 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return args.func(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"vqtok {args.command}: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"vqtok {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
-        return 130
+    return run_command(args.command, args.func, args)
 
 
 if __name__ == "__main__":

@@ -119,6 +119,39 @@ def cosine_lr(step: int, *, lr: float, warmup: int, total: int, min_ratio: float
     return lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def check_run_options(cfg, *, positive: tuple[str, ...], lr_example: str) -> None:
+    """The options every training job has (schedule, workers, device), validated one way."""
+    for name in positive:
+        if getattr(cfg, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(cfg, name)}: must be at least 1")
+    if not (cfg.lr > 0 and math.isfinite(cfg.lr)):
+        raise ConfigError(f"--lr {cfg.lr}: must be a positive number (e.g. {lr_example})")
+    if cfg.warmup_steps < 0 or cfg.weight_decay < 0 or cfg.grad_clip < 0 or cfg.threads < 0:
+        raise ConfigError("--warmup-steps, --weight-decay, --grad-clip and --threads must not be negative")
+    if not 0 <= cfg.min_lr_ratio <= 1:
+        raise ConfigError(f"min_lr_ratio {cfg.min_lr_ratio}: must be in [0, 1]")
+    if cfg.workers < 1 or cfg.max_failures < 0 or cfg.gpus_per_worker < 0 or cfg.cpus_per_worker <= 0:
+        raise ConfigError("--workers must be at least 1, --max-failures and --gpus-per-worker not negative, "
+                          "--cpus-per-worker positive")
+    if cfg.batch_size % cfg.workers:
+        raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch and must split evenly over "
+                          f"--workers {cfg.workers} (e.g. {cfg.batch_size // cfg.workers * cfg.workers or cfg.workers})")
+    if cfg.device != "auto" and not (cfg.device == "cpu" or cfg.device.startswith("cuda")):
+        raise ConfigError(f"--device {cfg.device!r}: use auto, cpu, cuda or cuda:N")
+
+
+# Command-line flags every training job takes: flag -> (type, help)
+RUN_FLAGS = {
+    "device": (str, "auto (default: CUDA when present), cpu, cuda, cuda:N"),
+    "threads": (int, "torch CPU threads (default: torch's choice; on Ray, the worker's CPUs)"),
+    "workers": (int, "Ray Train workers (default 1: train in this process); --batch-size is split over them"),
+    "gpus_per_worker": (float, "GPUs per Ray Train worker (default 0: CPU workers with gloo)"),
+    "cpus_per_worker": (float, "CPUs per Ray Train worker (default 1)"),
+    "address": (str, "Ray cluster HOST:PORT or auto (default: RAY_ADDRESS, else an embedded local Ray)"),
+    "max_failures": (int, "worker-group restarts from the last checkpoint before failing (default 3)"),
+}
+
+
 def is_url(out: str) -> bool:
     return "://" in out and not out.startswith("file://")
 

@@ -23,8 +23,9 @@ import torch
 
 from ..config import save_json
 from ..models.prior import Prior, Samples
-from ..pipeline.errors import ConfigError, DataError
+from ..pipeline.errors import ConfigError
 from ..pipeline.viz import save_sample_grid
+from ._entry import job_main
 from ._trainer import resolve_device
 
 
@@ -184,14 +185,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vqtok.jobs.sample", description="Sample images from a trained prior.")
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return run_from_args(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"vqtok sample: error: {e}", file=sys.stderr)
-        return 2
+    return job_main("sample", "Sample images from a trained prior.", add_arguments, run_from_args, argv)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from ..pipeline.progress import fmt_duration
 from ..pipeline.sources import Failure, list_units, split_patterns
 from ..pipeline.stages import ChunkEncoder, UnitAssembler, read_units, unit_to_json
 from ..pipeline.tokens import ERRORS_DIR, dataset_metadata, part_table
+from ._entry import job_main
 from ._ray import check_address, check_resources, init_ray
 
 
@@ -271,14 +272,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vqtok.jobs.tokenize", description="Tokenize images to Parquet.")
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return run_from_args(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"vqtok tokenize: error: {e}", file=sys.stderr)
-        return 2
+    return job_main("tokenize", "Tokenize images to Parquet.", add_arguments, run_from_args, argv)
 
 
 if __name__ == "__main__":

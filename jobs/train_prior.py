@@ -20,7 +20,6 @@ class, when the tokenizer can be loaded).
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -38,7 +37,8 @@ from ..pipeline.sources import split_patterns
 from ..pipeline.stream import prefetch
 from ..pipeline.token_stream import TokenCorpus, TokenPart, TokenStream, bits
 from ._ray import check_address
-from ._trainer import (WorkerContext, cosine_lr, fit_on_ray, is_url, prepare_output, read_json, resolve_device,
+from ._entry import job_main
+from ._trainer import (RUN_FLAGS, WorkerContext, check_run_options, cosine_lr, fit_on_ray, is_url, prepare_output, read_json, resolve_device,
                        resume_position)
 
 
@@ -85,31 +85,16 @@ class PriorTrainConfig:
             raise ConfigError("--tokens is required: a token dataset written by `vqtok tokenize` (its --out)")
         if not self.out:
             raise ConfigError("--out is required: the prior's run directory (e.g. runs/prior)")
-        for name in ("steps", "batch_size", "log_every", "eval_every", "eval_rows", "checkpoint_every",
-                     "shuffle_buffer", "stats_rows", "n_layer", "n_head", "n_embd"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        check_run_options(self, positive=("steps", "batch_size", "log_every", "eval_every", "eval_rows",
+                                          "checkpoint_every", "shuffle_buffer", "stats_rows", "n_layer", "n_head",
+                                          "n_embd"), lr_example="1e-3")
         if self.n_embd % self.n_head:
             raise ConfigError(f"--n-embd {self.n_embd} must be divisible by --n-head {self.n_head} (e.g. --n-embd "
                               f"{self.n_embd // self.n_head * self.n_head or self.n_head})")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"--lr {self.lr}: must be a positive number (e.g. 1e-3)")
         if not 0 <= self.dropout < 1 or not 0 <= self.class_dropout < 1:
             raise ConfigError(f"--dropout {self.dropout} and --class-dropout {self.class_dropout} must be in [0, 1)")
         if self.num_classes is not None and self.num_classes < 0:
             raise ConfigError(f"--num-classes {self.num_classes}: 0 (unconditional) or more")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.threads < 0:
-            raise ConfigError("--warmup-steps, --weight-decay, --grad-clip and --threads must not be negative")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"min_lr_ratio {self.min_lr_ratio}: must be in [0, 1]")
-        if self.workers < 1 or self.max_failures < 0 or self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
-            raise ConfigError("--workers must be at least 1, --max-failures and --gpus-per-worker not negative, "
-                              "--cpus-per-worker positive")
-        if self.batch_size % self.workers:
-            raise ConfigError(f"--batch-size {self.batch_size} is the global batch and must split evenly over "
-                              f"--workers {self.workers}")
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ConfigError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -215,8 +200,9 @@ class _LossOf(nn.Module):
 
 def _optimizer(model: Prior, cfg: PriorTrainConfig) -> torch.optim.Optimizer:
     """AdamW, weight decay on matrices only (not biases, norms, embeddings of positions)."""
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and not n.endswith(("_emb", "prefix_pos"))]
-    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and not n.endswith(("_emb", "prefix_pos")))]
+    decay, other = [], []
+    for name, p in model.named_parameters():
+        (decay if p.dim() >= 2 and not name.endswith(("_emb", "prefix_pos")) else other).append(p)
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}],
                              lr=cfg.lr, betas=(0.9, 0.95))
 
@@ -314,31 +300,14 @@ def evaluate_bits(model: Prior, parts: list[TokenPart], grid: tuple[int, int], c
     stream = TokenStream(parts, grid, rank=ctx.rank, world_size=ctx.world_size, shuffle=False)
     limit = None if max_rows is None else max(1, max_rows // ctx.world_size)
     nats = torch.zeros(2, dtype=torch.float64)  # summed nats, tokens
-    for tokens, labels in _eval_batches(stream, batch_size, stream.epoch_rows(0), limit):
-        t = tokens.to(ctx.device)
-        lab = labels.to(ctx.device) if model.cfg.num_classes else None
+    for batch in stream.one_pass(batch_size, max_rows=limit):
+        t = batch.tokens.to(ctx.device)
+        lab = batch.labels.to(ctx.device) if model.cfg.num_classes else None
         nats[0] += model.loss(t, lab, reduction="sum").double().item()
         nats[1] += t.numel()
     ctx.all_reduce_sum(nats)
     model.train(was)
     return bits(float(nats[0] / max(nats[1], 1)))
-
-
-def _eval_batches(stream: TokenStream, batch_size: int, epoch_rows: int, limit: int | None):
-    """One pass over epoch 0 of an unshuffled stream (the last batch may be short)."""
-    h, w = stream.grid
-    want = epoch_rows if limit is None else min(limit, epoch_rows)
-    done = 0
-    for _, tokens, labels in stream.rows():
-        for i in range(0, len(labels), batch_size):
-            take = min(batch_size, len(labels) - i, want - done)
-            if take <= 0:
-                return
-            yield (torch.from_numpy(tokens[i:i + take].astype(np.int64)).view(take, h, w),
-                   torch.from_numpy(labels[i:i + take]))
-            done += take
-        if done >= want:
-            return
 
 
 def _finish(cfg: PriorTrainConfig, model: Prior, run_dir: Path, stats: dict, tokenizer_path: str, final_bits: float,
@@ -431,13 +400,6 @@ FLAGS = {  # flag -> (type, help)
     "keep_checkpoints": (int, "checkpoints kept (default 3)"),
     "shuffle_buffer": (int, "rows in each worker's shuffle buffer (default 20000)"),
     "stats_rows": (int, "rows counted for the unigram entropy and labels (default 2000000)"),
-    "device": (str, "auto (default: CUDA when present), cpu, cuda, cuda:N"),
-    "threads": (int, "torch CPU threads (default: torch's choice)"),
-    "workers": (int, "Ray Train workers (default 1: train in this process)"),
-    "gpus_per_worker": (float, "GPUs per Ray Train worker (default 0)"),
-    "cpus_per_worker": (float, "CPUs per Ray Train worker (default 1)"),
-    "address": (str, "Ray cluster HOST:PORT or auto (default: RAY_ADDRESS, else an embedded local Ray)"),
-    "max_failures": (int, "worker-group restarts from the last checkpoint before failing (default 3)"),
 }
 
 
@@ -446,7 +408,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-tokens", action="append", help="held-out token dataset(s) for bits per token")
     p.add_argument("--out", help="the prior's run directory: prior/, checkpoints, metrics.json, samples.png")
     p.add_argument("--config", help="a JSON or YAML file of options (flags given here override it)")
-    for name, (typ, help_) in FLAGS.items():
+    for name, (typ, help_) in {**FLAGS, **RUN_FLAGS}.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_)
     p.add_argument("--no-sample-grid", dest="sample_grid", action="store_false", default=None,
                    help="do not write samples.png at the end")
@@ -454,7 +416,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args: argparse.Namespace) -> PriorTrainConfig:
     base = dict(load_config_file(args.config)) if args.config else {}
-    for name in list(FLAGS) + ["tokens", "val_tokens", "out", "sample_grid"]:
+    for name in [*FLAGS, *RUN_FLAGS, "tokens", "val_tokens", "out", "sample_grid"]:
         if getattr(args, name, None) is not None:
             base[name] = getattr(args, name)
     base.setdefault("tokens", [])
@@ -468,15 +430,7 @@ def run_from_args(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vqtok.jobs.train_prior",
-                                description="Train an autoregressive prior on a token dataset.")
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return run_from_args(args)
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"vqtok train-prior: error: {e}", file=sys.stderr)
-        return 2
+    return job_main("train-prior", "Train an autoregressive prior on a token dataset.", add_arguments, run_from_args, argv)
 
 
 if __name__ == "__main__":

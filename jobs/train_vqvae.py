@@ -17,7 +17,6 @@ metrics.json, reconstructions.png and codebook_usage.png.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,7 +34,8 @@ from ..pipeline.progress import Progress, fmt_duration
 from ..pipeline.sources import FailureLog, Unit, list_units, split_patterns
 from ..pipeline.stream import ImageStream, prefetch
 from ._ray import check_address
-from ._trainer import (WorkerContext, cosine_lr, fit_on_ray, is_url, prepare_output, read_json,
+from ._entry import job_main
+from ._trainer import (RUN_FLAGS, WorkerContext, check_run_options, cosine_lr, fit_on_ray, is_url, prepare_output, read_json,
                        resolve_device, resume_position)
 
 
@@ -78,26 +78,10 @@ class TrainConfig:
                               "(e.g. examples/fashion-mnist or /data/train-{000000..000099}.tar)")
         if not self.out:
             raise ConfigError("--out is required: the run directory (e.g. runs/tokenizer)")
-        positive = ("steps", "batch_size", "log_every", "checkpoint_every", "shuffle_buffer", "max_image_pixels")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ConfigError(f"--lr {self.lr}: must be a positive number (e.g. 2e-3)")
-        if self.warmup_steps < 0 or self.weight_decay < 0 or self.grad_clip < 0 or self.threads < 0:
-            raise ConfigError("--warmup-steps, --weight-decay, --grad-clip and --threads must not be negative")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError(f"min_lr_ratio {self.min_lr_ratio}: must be in [0, 1]")
+        check_run_options(self, positive=("steps", "batch_size", "log_every", "checkpoint_every", "shuffle_buffer",
+                                          "max_image_pixels"), lr_example="2e-3")
         if not 0 <= self.max_failure_fraction <= 1:
             raise ConfigError(f"--max-failure-fraction {self.max_failure_fraction}: must be in [0, 1]")
-        if self.workers < 1 or self.max_failures < 0 or self.gpus_per_worker < 0 or self.cpus_per_worker <= 0:
-            raise ConfigError("--workers must be at least 1, --max-failures and --gpus-per-worker not negative, "
-                              "--cpus-per-worker positive")
-        if self.batch_size % self.workers:
-            raise ConfigError(f"--batch-size {self.batch_size} is the global batch and must split evenly over "
-                              f"--workers {self.workers} (e.g. {self.batch_size // self.workers * self.workers or self.workers})")
-        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
-            raise ConfigError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -343,13 +327,6 @@ TRAIN_FLAGS = {
     "keep_checkpoints": (int, "checkpoints kept in RUN_DIR/checkpoints (default 3)"),
     "max_failure_fraction": (float, "fail when more of the inputs than this are bad (default 0.1)"),
     "max_image_pixels": (int, "refuse larger images as decompression bombs (default 64 Mpx)"),
-    "device": (str, "auto (default: CUDA when present), cpu, cuda, cuda:N"),
-    "threads": (int, "torch CPU threads (default: torch's choice; on Ray, the worker's CPUs)"),
-    "workers": (int, "Ray Train workers (default 1: train in this process); --batch-size is split over them"),
-    "gpus_per_worker": (float, "GPUs per Ray Train worker (default 0: CPU workers with gloo)"),
-    "cpus_per_worker": (float, "CPUs per Ray Train worker (default 1)"),
-    "address": (str, "Ray cluster HOST:PORT or auto (default: RAY_ADDRESS, else an embedded local Ray)"),
-    "max_failures": (int, "worker-group restarts from the last checkpoint before failing (default 3)"),
 }
 
 
@@ -358,7 +335,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-data", action="append", help="held-out images for the final metrics")
     p.add_argument("--out", help="run directory: checkpoints, tokenizer/, metrics.json, pictures")
     p.add_argument("--config", help="a JSON or YAML file of options (flags given here override it)")
-    for name, (typ, help_) in {**TRAIN_FLAGS, **MODEL_FLAGS}.items():
+    for name, (typ, help_) in {**TRAIN_FLAGS, **RUN_FLAGS, **MODEL_FLAGS}.items():
         p.add_argument("--" + name.replace("_", "-"), type=typ, default=None, help=help_)
     p.add_argument("--no-kmeans-init", action="store_true", default=None, help="random codebook initialisation")
     p.add_argument("--l2-normalize", dest="l2_normalize", action="store_true", default=None,
@@ -380,7 +357,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         model["l2_normalize"] = args.l2_normalize
     if model.get("codebook_dim") == 0:
         model["codebook_dim"] = None
-    for name in TRAIN_FLAGS:
+    for name in {**TRAIN_FLAGS, **RUN_FLAGS}:
         if getattr(args, name, None) is not None:
             base[name] = getattr(args, name)
     for name in ("data", "val_data", "out"):
@@ -396,16 +373,13 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return TrainConfig.from_dict(base)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vqtok.jobs.train_vqvae", description="Train a VQ-VAE tokenizer.")
-    add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        train_vqvae(config_from_args(args))
-    except (ConfigError, DataError, FileNotFoundError) as e:
-        print(f"vqtok train-vqvae: error: {e}", file=sys.stderr)
-        return 2
+def run_from_args(args: argparse.Namespace) -> int:
+    train_vqvae(config_from_args(args))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return job_main("train-vqvae", "Train a VQ-VAE tokenizer.", add_arguments, run_from_args, argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import load_config_file, save_json
+from ..config import check_keys, load_config_file, save_json
 from ..pipeline.errors import ConfigError
 from ..pipeline.progress import fmt_duration
 from ..pipeline.sources import split_patterns
@@ -106,7 +106,7 @@ class PipelineConfig:
             if stage == "tokenize":
                 opts = dict(self.tokenize)
                 opts.setdefault("address", self.address)
-                _check_fields(opts, TokenizeConfig, "pipeline.tokenize")
+                check_keys(opts, TokenizeConfig, "pipeline.tokenize")
                 cfg = TokenizeConfig(**opts, tokenizer=str(self.tokenizer_dir), data=self._inputs(),
                                      out=str(self.path("tokenize")))
                 cfg.validate()
@@ -118,7 +118,7 @@ class PipelineConfig:
                                                    "out": str(self.path("train-prior")),
                                                    "val_tokens": [str(self.root / "val-tokens")] if self.val_data else []})
             if stage == "sample":
-                _check_fields(self.sample, SampleConfig, "pipeline.sample")
+                check_keys(self.sample, SampleConfig, "pipeline.sample")
                 cfg = SampleConfig(**self.sample, prior=str(self.path("train-prior")), out=str(self.path("sample")))
                 cfg.validate()
                 return cfg
@@ -134,20 +134,13 @@ class PipelineConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "PipelineConfig":
-        _check_fields(d, cls, "pipeline")
+        check_keys(d, cls, "pipeline")
         return cls(**d)
 
     @classmethod
     def load(cls, path: str) -> "PipelineConfig":
         """From a YAML (.yaml/.yml) or JSON file."""
         return cls.from_dict(load_config_file(path))
-
-
-def _check_fields(d: dict, cls, where: str) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown option(s) {unknown}; known: {sorted(known)}")
 
 
 @dataclass

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .errors import DataError
-from .tokens import METADATA_KEY, TokenDataset
+from .tokens import METADATA_KEY, TokenDataset, _DescribedByMetadata
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class CorpusStats:
         return int((self.counts > 0).sum())
 
 
-class TokenCorpus:
+class TokenCorpus(_DescribedByMetadata):
     """One or more token datasets of the same tokenizer, as one list of parts."""
 
     def __init__(self, paths: Sequence[str], *, what: str = "--tokens", check_parts: bool = True):
@@ -106,19 +106,6 @@ class TokenCorpus:
                 f"but its dataset {ds.path} by tokenizer {ds.tokenizer_id[:16]} (grid {list(ds.grid)}): the dataset "
                 f"mixes tokenizers. Remove that part (and its manifest entry) or re-tokenize into a new --out"
             )
-
-    @property
-    def tokenizer_id(self) -> str:
-        return self.metadata["tokenizer_id"]
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        h, w = self.metadata["grid"]
-        return int(h), int(w)
-
-    @property
-    def codebook_size(self) -> int:
-        return int(self.metadata["codebook_size"])
 
     @property
     def num_rows(self) -> int:
@@ -257,6 +244,23 @@ class TokenStream:
                     yield epoch, tokens, labels
             epoch += 1
 
+    def one_pass(self, batch_size: int, max_rows: int | None = None) -> Iterator[TokenBatch]:
+        """Epoch 0 once (the first max_rows rows of it), in batches; the last one may be short.
+        For evaluation: unshuffled, every rank its own disjoint share."""
+        h, w = self.grid
+        want = self.epoch_rows(0) if max_rows is None else min(max_rows, self.epoch_rows(0))
+        done = 0
+        for epoch, tokens, labels in self.rows():
+            if epoch > 0 or done >= want:
+                return
+            for i in range(0, len(labels), batch_size):
+                take = min(batch_size, len(labels) - i, want - done)
+                if take <= 0:
+                    return
+                done += take
+                yield TokenBatch(torch.from_numpy(tokens[i:i + take].astype(np.int64)).view(take, h, w),
+                                 torch.from_numpy(labels[i:i + take]), done, 0)
+
     def batches(self, batch_size: int, *, skip: int = 0) -> Iterator[TokenBatch]:
         """Batches of batch_size rows forever (epochs run into each other)."""
         h, w = self.grid
@@ -278,10 +282,6 @@ class TokenStream:
                                  torch.from_numpy(lab[s]), consumed, epoch)
             pend_t, pend_l = [t[nb * batch_size:]], [lab[nb * batch_size:]]
             have = len(pend_l[0])
-
-
-def epochs_for(steps: int, batch_size: int, rows: int) -> float:
-    return steps * batch_size / max(rows, 1)
 
 
 def bits(nats: float) -> float:

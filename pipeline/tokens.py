@@ -129,7 +129,27 @@ class Part:
     sha256: str
 
 
-class TokenDataset:
+class _DescribedByMetadata:
+    """What the schema metadata (`self.metadata`) says about tokens: shared by TokenDataset and
+    TokenCorpus (pipeline.token_stream)."""
+
+    metadata: dict
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        h, w = self.metadata["grid"]
+        return int(h), int(w)
+
+    @property
+    def codebook_size(self) -> int:
+        return int(self.metadata["codebook_size"])
+
+    @property
+    def tokenizer_id(self) -> str:
+        return self.metadata["tokenizer_id"]
+
+
+class TokenDataset(_DescribedByMetadata):
     """A committed token dataset, read with plain pyarrow. Only parts recorded in _manifest.json
     are read: an orphan part from a crashed run is invisible."""
 
@@ -161,19 +181,6 @@ class TokenDataset:
 
     def __len__(self) -> int:
         return self.num_rows
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        h, w = self.metadata["grid"]
-        return int(h), int(w)
-
-    @property
-    def codebook_size(self) -> int:
-        return int(self.metadata["codebook_size"])
-
-    @property
-    def tokenizer_id(self) -> str:
-        return self.metadata["tokenizer_id"]
 
     @property
     def tokenizer_location(self) -> str:
