@@ -313,6 +313,7 @@ MODEL_FLAGS = {  # flag -> (VQVAEConfig field type, help)
     "beta": (float, "commitment loss weight (default 0.25)"),
     "codebook": (str, "ema (default) or gradient"),
     "restart_window": (int, "restart codes unused for this many steps (default 100; 0: never)"),
+    "random_init": (str, "codebook init with --no-kmeans-init: normal N(0,1) (default) or uniform U(-1/K,1/K)"),
 }
 TRAIN_FLAGS = {
     "steps": (int, "optimizer steps (default 5000)"),

@@ -80,6 +80,7 @@ class VectorQuantizer(nn.Module):
         decay: float = 0.99,
         eps: float = 1e-5,
         kmeans_init: bool = True,
+        random_init: str = "normal",
         kmeans_iters: int = 10,
         restart_window: int = 100,
     ):
@@ -99,7 +100,12 @@ class VectorQuantizer(nn.Module):
         self.proj_in = nn.Linear(dim, d) if d != dim else nn.Identity()
         self.proj_out = nn.Linear(d, dim) if d != dim else nn.Identity()
 
-        embed = torch.randn(codebook_size, d)
+        # the starting codebook, replaced by k-means on the first batch when kmeans_init;
+        # "uniform" is the original VQ-VAE's U(-1/K, 1/K)
+        if random_init == "uniform":
+            embed = torch.empty(codebook_size, d).uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
+        else:
+            embed = torch.randn(codebook_size, d)
         if l2_normalize:
             embed = F.normalize(embed, dim=-1)
         if ema:

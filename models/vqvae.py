@@ -32,6 +32,7 @@ class VQVAEConfig:
     ema_decay: float = 0.99
     ema_eps: float = 1e-5
     kmeans_init: bool = True
+    random_init: str = "normal"  # without kmeans_init: "normal" N(0, 1) or "uniform" U(-1/K, 1/K) (the original VQ-VAE)
     restart_window: int = 100  # steps; codes unused that long are restarted (0: never)
 
     def __post_init__(self):
@@ -47,6 +48,8 @@ class VQVAEConfig:
             raise ValueError(f"channels={self.channels}: use 1 (grayscale) or 3 (RGB)")
         if self.codebook_size < 2:
             raise ValueError(f"codebook_size={self.codebook_size}: a codebook needs at least 2 codes (e.g. 512)")
+        if self.random_init not in ("normal", "uniform"):
+            raise ValueError(f"random_init={self.random_init!r}: use 'normal' or 'uniform'")
         if self.codebook not in ("ema", "gradient"):
             raise ValueError(f"codebook={self.codebook!r}: use 'ema' or 'gradient'")
         for name in ("width", "code_dim", "res_blocks"):
@@ -131,6 +134,7 @@ class VQVAE(nn.Module):
             decay=cfg.ema_decay,
             eps=cfg.ema_eps,
             kmeans_init=cfg.kmeans_init,
+            random_init=cfg.random_init,
             restart_window=cfg.restart_window,
         )
         self.decoder = Decoder(cfg)
