@@ -16,18 +16,18 @@ from typing import TYPE_CHECKING
 # Names resolve on first use (PEP 562), so `python -m vqtok.jobs.NAME` runs its module once and
 # `import vqtok` stays cheap.
 _EXPORTS = {
-    "eval_vqvae": "jobs.eval_vqvae",
+    "eval_vqvae": "jobs.eval_vqvae", "EvalConfig": "jobs.eval_vqvae",
     "tokenize": "jobs.tokenize", "TokenizeConfig": "jobs.tokenize", "TokenizeResult": "jobs.tokenize",
     "TrainConfig": "jobs.train_vqvae", "TrainResult": "jobs.train_vqvae", "train_vqvae": "jobs.train_vqvae",
     "train_prior": "jobs.train_prior", "PriorTrainConfig": "jobs.train_prior", "PriorResult": "jobs.train_prior",
     "sample": "jobs.sample", "SampleConfig": "jobs.sample",
-    "Pipeline": "jobs.workflow", "PipelineConfig": "jobs.workflow", "demo": "jobs.demo",
+    "Pipeline": "jobs.run", "PipelineConfig": "jobs.run", "demo": "jobs.demo",
     "nearest_code": "kernels",
     "Preprocess": "models", "Tokenizer": "models", "VQVAEConfig": "models", "Prior": "models", "PriorConfig": "models",
     "convert": "pipeline.convert",
-    "ConfigError": "pipeline.errors", "DataError": "pipeline.errors",
+    "ConfigError": "models.config", "DataError": "pipeline.errors",
     "list_units": "pipeline.sources",
-    "TokenDataset": "pipeline.tokens",
+    "TokenDataset": "pipeline.token_dataset",
 }
 
 
@@ -40,19 +40,20 @@ def __getattr__(name: str):
 
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .jobs.eval_vqvae import eval_vqvae
+    from .jobs.eval_vqvae import EvalConfig, eval_vqvae
     from .jobs.tokenize import TokenizeConfig, TokenizeResult, tokenize
     from .jobs.demo import demo
     from .jobs.sample import SampleConfig, sample
-    from .jobs.workflow import Pipeline, PipelineConfig
+    from .jobs.run import Pipeline, PipelineConfig
     from .jobs.train_prior import PriorResult, PriorTrainConfig, train_prior
     from .jobs.train_vqvae import TrainConfig, TrainResult, train_vqvae
     from .kernels import nearest_code
     from .models import Preprocess, Prior, PriorConfig, Tokenizer, VQVAEConfig
     from .pipeline.convert import convert
-    from .pipeline.errors import ConfigError, DataError
+    from .models.config import ConfigError
+    from .pipeline.errors import DataError
     from .pipeline.sources import list_units
-    from .pipeline.tokens import TokenDataset
+    from .pipeline.token_dataset import TokenDataset
 
 try:
     from importlib.metadata import version as _version
@@ -62,7 +63,7 @@ except Exception:  # pragma: no cover
     __version__ = "0+unknown"
 
 __all__ = [
-    "TrainConfig", "TrainResult", "train_vqvae", "eval_vqvae", "Tokenizer", "VQVAEConfig", "Preprocess",
+    "TrainConfig", "TrainResult", "train_vqvae", "eval_vqvae", "EvalConfig", "Tokenizer", "VQVAEConfig", "Preprocess",
     "tokenize", "TokenizeConfig", "TokenizeResult", "TokenDataset",
     "train_prior", "PriorTrainConfig", "PriorResult", "Prior", "PriorConfig", "sample", "SampleConfig",
     "Pipeline", "PipelineConfig", "demo",

@@ -1,14 +1,17 @@
 """`vqtok demo [--out DIR]`: the whole path on the bundled Fashion-MNIST sample, on an embedded
 local Ray, in under 10 minutes on a 2-core CPU: convert the sample to WebDataset shards, train a
 tokenizer on 2 Ray Train workers, tokenize to Parquet, train a class-conditional prior, sample a
-grid. It is a Pipeline (jobs/workflow.py) with the settings below; a re-run skips what exists.
+grid. It is a Pipeline (jobs/run.py) with the settings below; a re-run skips what exists.
 """
 from __future__ import annotations
 
-import argparse
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from .workflow import Pipeline, PipelineConfig, PipelineResult
+from ..models.config import Config, option
+from .options import Command, job_main
+from .run import Pipeline, PipelineConfig, PipelineResult
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fashion-mnist"  # shipped in the wheel too
 
@@ -34,11 +37,20 @@ def demo(out: str = "runs/demo", *, quick: bool = False) -> PipelineResult:
     return Pipeline(demo_config(out, quick=quick)).run()
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--out", default="runs/demo", help="where everything goes (default runs/demo)")
-    p.add_argument("--quick", action="store_true", help="a few steps per stage (a smoke test, not a useful model)")
+@dataclass(kw_only=True)
+class DemoOptions(Config):
+    WHAT = "demo"
+    out: str = option("runs/demo", "where everything goes")
+    quick: bool = option(False, "a few steps per stage (a smoke test, not a useful model)")
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    demo(args.out, quick=args.quick)
-    return 0
+COMMAND = Command("demo", "the whole path on the bundled sample: tokenizer, tokens, prior, samples", DemoOptions,
+                  lambda o: demo(o.out, quick=o.quick), config_file=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return job_main(COMMAND, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

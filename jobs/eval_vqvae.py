@@ -5,35 +5,54 @@ reconstruction grid and a usage histogram to --out (default: next to the tokeniz
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import save_json
 from ..models import Tokenizer
-from ..pipeline.decode import DEFAULT_MAX_PIXELS
-from ..pipeline.errors import ConfigError, DataError
+from ..models.config import Config, ConfigError, option
 from ..pipeline.evaluate import evaluate, save_eval_pictures
-from ..pipeline.sources import FailureLog, list_units
-from ..pipeline.stream import ImageStream
+from ..pipeline.image_stream import ImageStream
+from ..pipeline.sources import DEFAULT_MAX_PIXELS, FailureLog, list_units, split_patterns
+from .options import Command, job_main, save_json
 
 
-def eval_vqvae(tokenizer: str, data, *, out: str | None = None, batch_size: int = 256,
-               max_images: int | None = None, device: str = "cpu",
-               max_image_pixels: int = DEFAULT_MAX_PIXELS) -> dict:
-    if batch_size < 1:
-        raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
-    tok = Tokenizer.load(tokenizer, device=device)
-    units = list_units(data)
-    out_dir = Path(out) if out else Path(tokenizer).resolve().parent / "eval"
+@dataclass(kw_only=True)
+class EvalConfig(Config):
+    WHAT = "eval-vqvae config"
+    tokenizer: str = option("", "tokenizer bundle directory (RUN_DIR/tokenizer)")
+    data: list[str] = option(help="held-out images: paths or URL patterns (repeat or comma-separate)", factory=list)
+    out: str | None = option(None, "where to write eval_metrics.json and pictures (default: TOKENIZER/../eval)")
+    batch_size: int = option(256, "images per batch")
+    max_images: int | None = option(None, "evaluate only the first N images")
+    device: str = option("cpu", "cpu, cuda or cuda:N")
+    max_image_pixels: int = option(DEFAULT_MAX_PIXELS, "refuse larger images as decompression bombs")
+
+    def __post_init__(self):
+        self.data = split_patterns(self.data) if self.data else []
+        if not self.tokenizer:
+            raise ConfigError("--tokenizer is required: a bundle directory (RUN_DIR/tokenizer)")
+        if not self.data:
+            raise ConfigError("--data is required: held-out images (paths or URL patterns)")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size {self.batch_size}: must be at least 1")
+
+
+def eval_vqvae(tokenizer: str | EvalConfig, data=None, **options) -> dict:
+    """Held-out metrics of a tokenizer: eval_vqvae(EvalConfig(...)) or eval_vqvae(TOKENIZER, DATA, out=...)."""
+    cfg = tokenizer if isinstance(tokenizer, EvalConfig) else EvalConfig(tokenizer=str(tokenizer), data=data, **options)
+    try:
+        tok = Tokenizer.load(cfg.tokenizer, device=cfg.device)
+    except ValueError as e:
+        raise ConfigError(f"--tokenizer {cfg.tokenizer}: {e}") from None
+    units = list_units(cfg.data)
+    out_dir = Path(cfg.out) if cfg.out else Path(cfg.tokenizer).resolve().parent / "eval"
     out_dir.mkdir(parents=True, exist_ok=True)
-    failures = FailureLog()
-    stream = ImageStream(units, tok.preprocess, shuffle=False, max_pixels=max_image_pixels, failures=failures)
+    stream = ImageStream(units, tok.preprocess, shuffle=False, max_pixels=cfg.max_image_pixels, failures=FailureLog())
     t0 = time.time()
-    result = evaluate(tok.model, stream, batch_size=batch_size, device=device, max_images=max_images)
-    m = result.metrics | {"tokenizer_id": tok.id, "data": list(data) if not isinstance(data, str) else [data],
-                          "seconds": time.time() - t0}
+    result = evaluate(tok.model, stream, batch_size=cfg.batch_size, device=cfg.device, max_images=cfg.max_images)
+    m = result.metrics | {"tokenizer_id": tok.id, "data": cfg.data, "seconds": time.time() - t0}
     save_json(m, out_dir / "eval_metrics.json")
     recon, usage = save_eval_pictures(result, out_dir, "held-out codebook usage")
     print(f"vqtok eval: {m['images']} images ({m['skipped']} skipped) | mse {m['mse']:.5f} | psnr {m['psnr']:.2f} dB "
@@ -42,29 +61,11 @@ def eval_vqvae(tokenizer: str, data, *, out: str | None = None, batch_size: int 
     return m
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokenizer", required=True, help="tokenizer bundle directory (RUN_DIR/tokenizer)")
-    p.add_argument("--data", action="append", required=True, help="held-out images: paths or URL patterns")
-    p.add_argument("--out", help="where to write eval_metrics.json and pictures")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--max-images", type=int, default=None)
-    p.add_argument("--device", default="cpu")
+COMMAND = Command("eval-vqvae", "held-out metrics and reconstructions for a tokenizer", EvalConfig, eval_vqvae)
 
 
-def run_from_args(args) -> int:
-    try:
-        eval_vqvae(args.tokenizer, args.data, out=args.out, batch_size=args.batch_size,
-                   max_images=args.max_images, device=args.device)
-    except (ConfigError, DataError, FileNotFoundError, ValueError) as e:
-        print(f"vqtok eval-vqvae: error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m vqtok.jobs.eval_vqvae", description="Evaluate a tokenizer.")
-    add_arguments(p)
-    return run_from_args(p.parse_args(argv))
+def main(argv: list[str] | None = None) -> int:
+    return job_main(COMMAND, argv)
 
 
 if __name__ == "__main__":

@@ -11,8 +11,6 @@ dataset schema with the class in `label`).
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -21,32 +19,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..config import save_json
+from ..models.bundle import vqtok_version
+from ..models.config import Config, ConfigError, option
 from ..models.prior import Prior, Samples
-from ..pipeline.errors import ConfigError
 from ..pipeline.viz import save_sample_grid
-from ._entry import job_main
-from ._trainer import resolve_device
+from .options import Command, job_main, save_json
+from .trainer import resolve_device
 
 
 @dataclass(kw_only=True)
-class SampleConfig:
-    prior: str
-    out: str = "samples.png"
-    n: int = 64
-    classes: str | int | None = None  # None: every class in turn (conditional priors); "none": unconditional; "C" or "C1,C2"
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    cfg_scale: float = 1.0
-    seed: int = 0
-    batch_size: int = 256
-    tokenizer: str = ""  # default: the location the prior records
-    save_images: str = ""
-    save_tokens: str = ""
-    device: str = "auto"
+class SampleConfig(Config):
+    WHAT = "sample config"
+    prior: str = option("", "the prior's run directory (the --out of vqtok train-prior)")
+    out: str = option("samples.png", "the grid PNG")
+    n: int = option(64, "samples")
+    classes: str | int | None = option(None, "class C, a list C1,C2, 'all' (default for class-conditional priors: every "
+                                             "class, one grid row each) or 'none' (unconditional)", flag="--class")
+    temperature: float = option(1.0, "softmax temperature")
+    top_k: int = option(0, "keep the k most likely codes (0: off)")
+    top_p: float = option(1.0, "nucleus sampling mass (1: off)")
+    cfg_scale: float = option(1.0, "classifier-free guidance scale (1: no guidance)")
+    seed: int = option(0, "sampling seed")
+    batch_size: int = option(256, "samples generated together")
+    tokenizer: str = option("", "the tokenizer bundle, when it moved from where the prior records")
+    save_images: str = option("", "also write each sample as DIR/sample-NNNNN.png", metavar="DIR")
+    save_tokens: str = option("", "also write the token grids (.npy or .parquet)", metavar="FILE")
+    device: str = option("auto", "auto, cpu, cuda, cuda:N")
 
-    def validate(self) -> None:
+    def __post_init__(self):
         if not self.prior:
             raise ConfigError("--prior is required: the --out of `vqtok train-prior` (PRIOR_DIR)")
         if self.n < 1 or self.batch_size < 1:
@@ -74,7 +74,6 @@ class SampleResult:
 
 def sample(cfg: SampleConfig | None = None, **options) -> SampleResult:
     cfg = cfg or SampleConfig(**options)
-    cfg.validate()
     t0 = time.time()
     try:
         prior = Prior.load(cfg.prior, device=resolve_device(cfg.device))
@@ -95,7 +94,7 @@ def sample(cfg: SampleConfig | None = None, **options) -> SampleResult:
     grid = save_sample_grid(s.images.numpy(), s.labels.numpy(), cfg.out)
     images_dir = _save_images(s, cfg.save_images) if cfg.save_images else None
     tokens_file = _save_tokens(s, cfg.save_tokens, prior) if cfg.save_tokens else None
-    save_json(dataclasses.asdict(cfg) | {"prior_tokenizer_id": prior.cfg.tokenizer_id},
+    save_json(cfg.to_dict() | {"prior_tokenizer_id": prior.cfg.tokenizer_id},
               Path(grid).with_suffix(".json"))  # how these samples were drawn, beside the grid
     seconds = time.time() - t0
     print(f"vqtok sample: wrote {grid}" + (f", {cfg.n} PNGs in {images_dir}" if images_dir else "")
@@ -145,47 +144,22 @@ def _save_tokens(s: Samples, path: str, prior: Prior) -> str:
         return str(p)
     import pyarrow.parquet as pq
 
-    from .. import __version__
-    from ..pipeline.tokens import dataset_metadata, part_table
+    from ..pipeline.token_dataset import dataset_metadata, part_table
 
     c = prior.cfg
     meta = dataset_metadata(codebook_size=c.codebook_size, tokenizer_id=c.tokenizer_id, grid=(c.grid_h, c.grid_w),
-                            preprocess={}, vqtok_version=__version__)
+                            preprocess={}, vqtok_version=vqtok_version())
     labels = [lab if lab >= 0 else None for lab in s.labels.tolist()]
     table = part_table(meta, [f"sample-{i:05d}" for i in range(len(labels))], s.tokens.numpy(), labels, "vqtok sample")
     pq.write_table(table, p, compression="zstd")
     return str(p)
 
 
-# ----------------------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--prior", required=True, help="the prior's run directory (the --out of vqtok train-prior)")
-    p.add_argument("--n", type=int, default=64, help="samples (default 64)")
-    p.add_argument("--class", dest="classes", default=None,
-                   help="class C, a list C1,C2, 'all' (default for class-conditional priors: every class, one grid "
-                        "row each) or 'none' (unconditional)")
-    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1)")
-    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely codes (default 0: off)")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1: off)")
-    p.add_argument("--cfg-scale", type=float, default=1.0, help="classifier-free guidance scale (default 1: off)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--batch-size", type=int, default=256, help="samples generated together (default 256)")
-    p.add_argument("--tokenizer", default="", help="the tokenizer bundle, when it moved from where the prior records")
-    p.add_argument("--out", default="samples.png", help="the grid PNG (default samples.png)")
-    p.add_argument("--save-images", default="", metavar="DIR", help="also write each sample as DIR/sample-NNNNN.png")
-    p.add_argument("--save-tokens", default="", metavar="FILE", help="also write the token grids (.npy or .parquet)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N")
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    keys = ("prior", "n", "classes", "temperature", "top_k", "top_p", "cfg_scale", "seed", "batch_size", "tokenizer",
-            "out", "save_images", "save_tokens", "device")
-    sample(SampleConfig(**{k: getattr(args, k) for k in keys}))
-    return 0
+COMMAND = Command("sample", "sample images from a trained prior", SampleConfig, sample)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job_main("sample", "Sample images from a trained prior.", add_arguments, run_from_args, argv)
+    return job_main(COMMAND, argv)
 
 
 if __name__ == "__main__":

@@ -7,47 +7,48 @@
 Plan on the driver (units listed and sorted, fingerprint checked, committed units skipped), then a
 Ray Data stream: read + decode in Ray tasks (one per unit), encode in an actor pool that loads the
 tokenizer once per actor (on GPU when asked), token rows back to the driver, which commits each
-unit when its last row arrives (pipeline.plan). Kill it at any point and run the same command
+unit when its last row arrives (pipeline/token_dataset.py: TokenWriter). Kill it at any point and run the same command
 again: it resumes and the dataset ends up exactly as a clean run writes it.
 """
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import os
 import sys
 import time
 from dataclasses import dataclass, field
 
-from ..models.tokenizer import Tokenizer, read_bundle
-from ..pipeline.decode import DEFAULT_MAX_PIXELS
-from ..pipeline.errors import ConfigError, DataError
-from ..pipeline.plan import TokenOutput
-from ..pipeline.progress import fmt_duration
-from ..pipeline.sources import Failure, list_units, split_patterns
-from ..pipeline.stages import ChunkEncoder, UnitAssembler, read_units, unit_to_json
-from ..pipeline.tokens import ERRORS_DIR, dataset_metadata, part_table
-from ._entry import job_main
+from ..models.bundle import read_bundle, vqtok_version
+from ..models.config import Config, ConfigError, option
+from ..models.tokenizer import Tokenizer
+from ..pipeline.errors import DataError
+from ..pipeline.sources import DEFAULT_MAX_PIXELS, Failure, list_units, split_patterns
+from ..pipeline.stages import BatchEncoder, UnitAssembler, read_units, unit_to_json
+from ..pipeline.token_dataset import ERRORS_DIR, TokenWriter, dataset_metadata, part_table
 from ._ray import check_address, check_resources, init_ray
+from .options import Command, job_main
+from .progress import fmt_duration
 
 
 @dataclass(kw_only=True)
-class TokenizeConfig:
-    tokenizer: str
-    data: list[str]
-    out: str
-    batch_size: int = 256
-    workers: int = 1
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float | None = None  # Ray CPUs each encoder actor reserves (default: 1 with a GPU, 0.5 without)
-    threads_per_worker: int = 0  # torch threads per CPU encoder (0: this machine's cores / workers)
-    address: str | None = None
-    max_failure_fraction: float = 0.1
-    max_image_pixels: int = DEFAULT_MAX_PIXELS
-    progress_seconds: float = 10.0
-    verbose: bool = True
+class TokenizeConfig(Config):
+    WHAT = "tokenize config"
+    tokenizer: str = option("", "tokenizer bundle directory or URL (RUN_DIR/tokenizer from train-vqvae)")
+    data: list[str] = option(help="input images: paths or URL patterns (repeat or comma-separate)", factory=list)
+    out: str = option("", "token dataset directory or URL (s3://bucket/prefix)")
+    batch_size: int = option(256, "images per encoder batch")
+    workers: int = option(1, "encoder actors")
+    gpus_per_worker: float = option(0.0, "GPUs per encoder actor (0: CPU)")
+    cpus_per_worker: float | None = option(None, "Ray CPUs each encoder reserves (default 1 with a GPU, 0.5 without)")
+    threads_per_worker: int = option(0, "torch threads per CPU encoder (0: this machine's cores / workers)")
+    address: str | None = option(None, "Ray cluster: HOST:PORT, ray://HOST:PORT or auto (default: RAY_ADDRESS if set, "
+                                       "else an embedded local Ray)")
+    max_failure_fraction: float = option(0.1, "fail when more of the input images than this are bad")
+    max_image_pixels: int = option(DEFAULT_MAX_PIXELS, "refuse larger images as decompression bombs")
+    progress_seconds: float = option(10.0, "seconds between progress lines")
+    verbose: bool = option(True, "print progress and the summary", cli=False)
 
-    def validate(self) -> None:
+    def __post_init__(self):
+        self.data = split_patterns(self.data) if self.data else []
         if not self.tokenizer:
             raise ConfigError("--tokenizer is required: a bundle directory written by `vqtok train-vqvae` (RUN_DIR/tokenizer)")
         if not self.data:
@@ -87,12 +88,10 @@ class TokenizeResult:
 def tokenize(tokenizer: str, data: str | list[str], out: str, **options) -> TokenizeResult:
     """Tokenize every image matched by `data` with the bundle at `tokenizer` into the token dataset
     `out`. Options: the fields of TokenizeConfig."""
-    cfg = TokenizeConfig(tokenizer=str(tokenizer), data=split_patterns(data), out=str(out), **options)
-    return run(cfg)
+    return run(TokenizeConfig(tokenizer=str(tokenizer), data=split_patterns(data), out=str(out), **options))
 
 
 def run(cfg: TokenizeConfig) -> TokenizeResult:
-    cfg.validate()
     check_address(cfg.address)
     t0 = time.time()
     say = print if cfg.verbose else (lambda *a, **k: None)
@@ -101,14 +100,12 @@ def run(cfg: TokenizeConfig) -> TokenizeResult:
         tok = Tokenizer.from_bytes(*bundle, where=cfg.tokenizer)
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"--tokenizer {cfg.tokenizer}: {e}") from None
-    from .. import __version__
-
     meta = dataset_metadata(codebook_size=tok.config.codebook_size, tokenizer_id=tok.id, grid=tok.grid,
-                            preprocess=tok.preprocess.to_dict(), vqtok_version=__version__)
+                            preprocess=tok.preprocess.to_dict(), vqtok_version=vqtok_version())
     units = list_units(cfg.data)
     location = cfg.tokenizer if "://" in cfg.tokenizer else os.path.abspath(cfg.tokenizer)
-    output = TokenOutput.open(cfg.out, meta, units, tokenizer_location=location)
-    output.write_config(dataclasses.asdict(cfg))
+    output = TokenWriter.open(cfg.out, meta, units, tokenizer_location=location)
+    output.write_config(cfg.to_dict())
     pending = output.pending(units)
     skipped = len(units) - len(pending)
     say(f"vqtok tokenize: {len(units)} input units from {', '.join(cfg.data)}; {skipped} already committed in "
@@ -130,36 +127,36 @@ def run(cfg: TokenizeConfig) -> TokenizeResult:
     return result
 
 
-def _stream(cfg, bundle, tok, meta, output: TokenOutput, pending, say) -> tuple[int, list[Failure], float]:
+def _stream(cfg, bundle, tok, meta, output: TokenWriter, pending, say) -> tuple[int, list[Failure], float]:
     ray = init_ray(cfg.address)
     check_resources(ray, workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker)
     on_gpu = cfg.gpus_per_worker > 0
     threads = 0 if on_gpu else (cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers))
     cpus = cfg.cpus_per_worker or (1.0 if on_gpu else 0.5)
-    ds = ray.data.from_items([{"unit": unit_to_json(u), "part": i} for u, i in pending],
+    ds = ray.data.from_items([{"unit": unit_to_json(u), "part_index": i} for u, i in pending],
                              override_num_blocks=len(pending))
     # decoding reserves a whole CPU, the encoders less: the different resource shapes also keep Ray
     # Data from fusing the two stages into one actor, so decoding overlaps encoding
     ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=1,
-                        fn_kwargs=dict(preprocess=tok.preprocess, chunk_size=cfg.batch_size,
+                        fn_kwargs=dict(preprocess=tok.preprocess, batch_size=cfg.batch_size,
                                        max_pixels=cfg.max_image_pixels))
-    ds = ds.map_batches(ChunkEncoder, batch_size=None, batch_format="pyarrow",
+    ds = ds.map_batches(BatchEncoder, batch_size=None, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=cfg.workers),
                         num_cpus=cpus, num_gpus=cfg.gpus_per_worker or None,
                         fn_constructor_kwargs=dict(bundle=_StoredBundle(ray.put(bundle)), batch_size=cfg.batch_size,
                                                    device="cuda" if on_gpu else "cpu", threads=threads))
-    by_part = {i: u for u, i in pending}
+    unit_of = {i: u for u, i in pending}  # part index -> unit
     assembler = UnitAssembler()
     done_units, images, examples = 0, 0, []
     t_start, t_report = time.time(), time.time()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for part, rows, failures in assembler.add(batch):
-            unit = by_part[part]
+        for part_index, rows, failures in assembler.add(batch):
+            unit = unit_of[part_index]
             # the encoders' columns go into the part as they are: no trip through Python lists
             table = part_table(meta, rows.column("key").combine_chunks(), rows.column("tokens").combine_chunks(),
                                rows.column("label").combine_chunks(), unit.url)
             fails = [Failure(f["key"], f["unit"], f["reason"]) for f in failures]
-            output.commit(unit, part, table, fails)
+            output.commit(unit, part_index, table, fails)
             done_units += 1
             images += table.num_rows
             for f in fails[: max(0, 5 - len(examples))]:
@@ -189,7 +186,7 @@ class _StoredBundle:
         return ray.get(self.refs[0])
 
 
-def _progress(done: int, total: int, images: int, elapsed: float, output: TokenOutput) -> str:
+def _progress(done: int, total: int, images: int, elapsed: float, output: TokenWriter) -> str:
     rate = images / max(elapsed, 1e-9)
     eta = elapsed / done * (total - done) if done else float("nan")
     eta_s = fmt_duration(eta) if done else "?"
@@ -197,7 +194,7 @@ def _progress(done: int, total: int, images: int, elapsed: float, output: TokenO
             f"skipped {output.manifest['failures']} | eta {eta_s}")
 
 
-def _check_failures(output: TokenOutput, cfg: TokenizeConfig, final: bool) -> None:
+def _check_failures(output: TokenWriter, cfg: TokenizeConfig, final: bool) -> None:
     failed = output.manifest["failures"]  # totals over every committed unit, kept by the manifest
     seen = failed + output.manifest["rows"]
     if not seen or (not final and seen < 1000):
@@ -233,46 +230,11 @@ def _fmt_bytes(n: int) -> str:
     return f"{n:.1f} TiB"
 
 
-# ----------------------------------------------------------------------------------------------
-# Command line (shared by `vqtok tokenize` and `python -m vqtok.jobs.tokenize`)
-# ----------------------------------------------------------------------------------------------
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tokenizer", help="tokenizer bundle directory or URL (RUN_DIR/tokenizer from train-vqvae)")
-    p.add_argument("--data", action="append", help="input images: paths or URL patterns (repeat or comma-separate)")
-    p.add_argument("--out", help="token dataset directory or URL (s3://bucket/prefix)")
-    p.add_argument("--batch-size", type=int, default=256, help="images per encoder batch (default 256)")
-    p.add_argument("--workers", type=int, default=1, help="encoder actors (default 1)")
-    p.add_argument("--gpus-per-worker", type=float, default=0.0, help="GPUs per encoder actor (default 0: CPU)")
-    p.add_argument("--cpus-per-worker", type=float, default=None,
-                   help="Ray CPUs each encoder reserves (default 1 with a GPU, 0.5 without)")
-    p.add_argument("--threads-per-worker", type=int, default=0,
-                   help="torch threads per CPU encoder (default: this machine's cores / workers)")
-    p.add_argument("--address", default=None,
-                   help="Ray cluster: HOST:PORT, ray://HOST:PORT or auto (default: RAY_ADDRESS if set, else an embedded local Ray)")
-    p.add_argument("--max-failure-fraction", type=float, default=0.1,
-                   help="fail when more of the input images than this are bad (default 0.1)")
-    p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
-                   help="refuse larger images as decompression bombs (default 64 Mpx)")
-    p.add_argument("--progress-seconds", type=float, default=10.0, help="seconds between progress lines (default 10)")
-
-
-def config_from_args(args: argparse.Namespace) -> TokenizeConfig:
-    return TokenizeConfig(
-        tokenizer=args.tokenizer or "", data=split_patterns(args.data or []), out=args.out or "",
-        batch_size=args.batch_size, workers=args.workers, gpus_per_worker=args.gpus_per_worker,
-        cpus_per_worker=args.cpus_per_worker, threads_per_worker=args.threads_per_worker, address=args.address,
-        max_failure_fraction=args.max_failure_fraction, max_image_pixels=args.max_image_pixels,
-        progress_seconds=args.progress_seconds,
-    )
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    run(config_from_args(args))
-    return 0
+COMMAND = Command("tokenize", "tokenize images into a Parquet token dataset (Ray Data)", TokenizeConfig, run)
 
 
 def main(argv: list[str] | None = None) -> int:
-    return job_main("tokenize", "Tokenize images to Parquet.", add_arguments, run_from_args, argv)
+    return job_main(COMMAND, argv)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ if not torch.cuda.is_available():  # CPU tensors can only run on Triton's interp
 
 import triton  # noqa: E402
 
-from .cpu import distance_to  # noqa: E402
+from .nearest_code import distance_to  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 FP16_UNIT = 2.0**-11  # unit roundoff of float16 (11 significant bits)
@@ -115,6 +115,11 @@ def _nearest_code_kernel(
         tile_best = tl.min(score, axis=1)
         tile_arg = tl.argmin(score, axis=1, tie_break_left=True) + k0
         if TRACK_SECOND:
+            # The second-best score over all tiles seen so far. Within this tile: the minimum over
+            # every column but the tile's argmin. Across tiles: of the running best and this tile's
+            # best, the larger one is no longer the best, so it is a second-best candidate; the new
+            # second is the least of the old second, the tile's second and that loser. (A tie at
+            # the best gives second == best: a zero gap, which the fast mode re-searches.)
             is_arg = cols[None, :] == tile_arg[:, None]
             tile_second = tl.min(tl.where(is_arg, float("inf"), score), axis=1)
             second = tl.minimum(second, tl.minimum(tile_second, tl.maximum(best, tile_best)))

@@ -1,9 +1,12 @@
-"""Torch modules: the VQ-VAE (encoder, quantizer, decoder), the tokenizer bundle, the prior."""
-from .preprocess import Preprocess
+"""Torch modules: the VQ-VAE (encoder, quantizer, decoder), the tokenizer bundle, the prior.
+Imports kernels/ only (and torch, safetensors, PIL)."""
+from .bundle import bundle_id, vqtok_version
+from .config import Config, ConfigError, option
+from .distributed import Collectives
 from .prior import Prior, PriorConfig, Samples
-from .quantizer import VectorQuantizer, kmeans, perplexity, psnr, straight_through
-from .tokenizer import Tokenizer, bundle_id
-from .vqvae import VQVAE, Decoder, Encoder, VQVAEConfig
+from .tokenizer import Preprocess, Tokenizer
+from .vqvae import VQVAE, Decoder, Encoder, VectorQuantizer, VQVAEConfig, kmeans, perplexity, straight_through
 
-__all__ = ["Preprocess", "VectorQuantizer", "kmeans", "perplexity", "psnr", "straight_through",
-           "VQVAE", "Decoder", "Encoder", "VQVAEConfig", "Tokenizer", "bundle_id", "Prior", "PriorConfig", "Samples"]
+__all__ = ["Preprocess", "VectorQuantizer", "kmeans", "perplexity", "straight_through", "Collectives",
+           "Config", "ConfigError", "option", "VQVAE", "Decoder", "Encoder", "VQVAEConfig", "Tokenizer", "bundle_id",
+           "vqtok_version", "Prior", "PriorConfig", "Samples"]

@@ -24,40 +24,50 @@ cache holds each layer's keys and values, so each new token costs one position, 
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .bundle import load_weights, parse_config, read_bundle, write_bundle
+from .config import Config, ConfigError, option
+
 
 @dataclass(kw_only=True)
-class PriorConfig:
-    codebook_size: int  # K: image tokens are [0, K)
-    grid_h: int
-    grid_w: int
-    num_classes: int = 0  # 0: unconditional
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 256
-    dropout: float = 0.0
-    class_dropout: float = 0.1  # training: probability a label is replaced by the null class
-    tokenizer_id: str = ""  # the tokenizer whose token datasets this prior models
+class PriorShape(Config):
+    """The transformer's size: a prior's own options (the training job takes them as flags)."""
+
+    WHAT = "prior model"
+    n_layer: int = option(4, "transformer blocks")
+    n_head: int = option(4, "attention heads")
+    n_embd: int = option(256, "width")
+    dropout: float = option(0.0, "dropout")
+    class_dropout: float = option(0.1, "probability a label is replaced by the null class in training (for guidance)")
+
+
+@dataclass(kw_only=True)
+class PriorConfig(PriorShape):
+    """A prior: its shape, and what the token data fixes (codebook size, grid, classes, tokenizer)."""
+
+    WHAT = "prior config"
+    codebook_size: int = option(help="K: image tokens are [0, K)")
+    grid_h: int = option(help="token grid rows")
+    grid_w: int = option(help="token grid columns")
+    num_classes: int = option(0, "classes (0: unconditional)")
+    tokenizer_id: str = option("", "the tokenizer whose token datasets this prior models")
 
     def __post_init__(self):
         if self.codebook_size < 2 or self.grid_h < 1 or self.grid_w < 1:
-            raise ValueError(f"codebook_size {self.codebook_size} and grid {self.grid_h}x{self.grid_w}: need K >= 2 "
-                             f"and a grid of at least 1x1")
+            raise ConfigError(f"codebook_size {self.codebook_size} and grid {self.grid_h}x{self.grid_w}: need K >= 2 "
+                              f"and a grid of at least 1x1")
         if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+            raise ConfigError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.num_classes < 0 or not 0 <= self.class_dropout < 1 or not 0 <= self.dropout < 1:
-            raise ValueError("num_classes must be >= 0, class_dropout and dropout in [0, 1)")
+            raise ConfigError("num_classes must be >= 0, class_dropout and dropout in [0, 1)")
 
     @property
     def boi(self) -> int:
@@ -79,21 +89,17 @@ class PriorConfig:
     def n_tokens(self) -> int:
         return self.grid_h * self.grid_w
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PriorConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
 
 # The prior bundle. A prior bundle is a directory: config.json (format, the PriorConfig with the tokenizer id, and the
 # tokenizer's location when it was trained) and model.safetensors. `vqtok train-prior` writes it to
 # PRIOR_DIR/prior; Prior.load takes either PRIOR_DIR or the bundle directory itself.
 PRIOR_FORMAT = "vqtok-prior"
 PRIOR_VERSION = 1
-CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+
+
+def bits(nats: float) -> float:
+    """A loss in nats per token, in bits per token."""
+    return nats / math.log(2)
 
 
 @dataclass
@@ -206,8 +212,12 @@ class Prior(nn.Module):
         if self.training and labels is not None and self.cfg.num_classes and self.cfg.class_dropout > 0:
             drop = torch.rand(b, device=tokens.device) < self.cfg.class_dropout
             labels = torch.where(drop, torch.full_like(labels, -1), labels.to(tokens.device))
-        seq = torch.cat([self.prefix(b, labels, tokens.device), tokens], 1)
-        logits = self(seq[:, :-1])[:, self.cfg.prefix_len - 1:]
+        seq = torch.cat([self.prefix(b, labels, tokens.device), tokens], 1)  # ([class] BOI t_0 ... t_{n-1})
+        # Position i's output predicts the token at i + 1, so the model reads all but the last
+        # token, and the output at the prefix's last position (BOI) predicts t_0: dropping the
+        # first prefix_len - 1 outputs leaves exactly one prediction per image token, aligned with
+        # `tokens` (the class token's own output, which would predict BOI, is not scored).
+        logits = self(seq[:, :-1])[:, self.cfg.prefix_len - 1:]  # (B, n, vocab)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), tokens.reshape(-1), reduction=reduction)
 
     # --- sampling -------------------------------------------------------------------------------
@@ -246,47 +256,27 @@ class Prior(nn.Module):
 
     # --- the bundle, and sampling to pictures --------------------------------------------------
     def save(self, path: str | os.PathLike, *, tokenizer_path: str = "", extra: dict | None = None) -> str:
-        """Write the bundle to the directory `path` (atomically: staged, then renamed); returns its id."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        staging = path.with_name(path.name + ".staging")
-        staging.mkdir(parents=True, exist_ok=True)
+        """Write the bundle to the directory `path` (atomically); returns its id."""
         config = {"format": PRIOR_FORMAT, "format_version": PRIOR_VERSION, "model": self.cfg.to_dict(),
                   "tokenizer": {"id": self.cfg.tokenizer_id, "path": tokenizer_path}} | (extra or {})
-        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}, str(staging / WEIGHTS_FILE),
-                  metadata={"format": PRIOR_FORMAT})
-        if path.exists():
-            for f in path.iterdir():
-                f.unlink()
-            path.rmdir()
-        os.replace(staging, path)
+        prior_id = write_bundle(path, config, self.state_dict())
         self.tokenizer_path = tokenizer_path
-        return hashlib.sha256((path / CONFIG_FILE).read_bytes() + (path / WEIGHTS_FILE).read_bytes()).hexdigest()
+        return prior_id
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "Prior":
         """A prior bundle from PRIOR_DIR (the --out of train-prior), its bundle directory, or a URL."""
-        import fsspec
-        from safetensors.torch import load as load_safetensors
-
+        hint = f"train one with `vqtok train-prior --tokens DATASET --out {path}`"
         base = str(path).rstrip("/")
-        fs, root = fsspec.core.url_to_fs(base)
-        for d in (f"{root}/prior", root):
-            if fs.exists(f"{d}/{CONFIG_FILE}") and fs.exists(f"{d}/{WEIGHTS_FILE}"):
-                break
-        else:
-            raise FileNotFoundError(f"{path} is not a prior: expected prior/{CONFIG_FILE} and prior/{WEIGHTS_FILE} in it "
-                                    f"(train one with `vqtok train-prior --tokens DATASET --out {path}`)")
-        config = json.loads(fs.cat_file(f"{d}/{CONFIG_FILE}"))
-        if config.get("format") != PRIOR_FORMAT:
-            raise ValueError(f"{d}/{CONFIG_FILE}: format {config.get('format')!r}, expected {PRIOR_FORMAT!r}")
-        if config.get("format_version", 0) > PRIOR_VERSION:
-            raise ValueError(f"{d}/{CONFIG_FILE}: format_version {config['format_version']} is newer than this vqtok "
-                             f"reads ({PRIOR_VERSION}); upgrade vqtok")
-        prior = cls(PriorConfig.from_dict(config["model"]))
-        prior.load_state_dict(load_safetensors(fs.cat_file(f"{d}/{WEIGHTS_FILE}")))
+        try:
+            where = f"{base}/prior"
+            config_bytes, weights_bytes = read_bundle(where, what="prior", hint=hint)
+        except FileNotFoundError:
+            where = base
+            config_bytes, weights_bytes = read_bundle(where, what="prior", hint=hint)
+        config = parse_config(config_bytes, fmt=PRIOR_FORMAT, version=PRIOR_VERSION, where=where)
+        prior = cls(PriorConfig.from_dict(config["model"], where=f"{where}/config.json model"))
+        prior.load_state_dict(load_weights(weights_bytes))
         prior.tokenizer_path = config.get("tokenizer", {}).get("path", "")
         return prior.to(device).eval()
 

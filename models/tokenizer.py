@@ -1,44 +1,121 @@
-"""The tokenizer bundle: a directory with config.json + model.safetensors, and the API around it.
+"""The tokenizer: the preprocessing policy, the bundle, and encode/decode.
 
     tok = Tokenizer.load("runs/demo/tokenizer-run/tokenizer")
     tokens = tok.encode(images)      # uint8 (B, H, W[, C]) numpy/tensor or list of PIL -> (B, h, w) int64
     images = tok.decode(tokens)      # -> uint8 (B, S, S) for grayscale, (B, S, S, 3) for RGB
     tok.id                           # sha256 of config.json then model.safetensors
 
-Loading never executes code from the bundle: JSON and safetensors only.
+The bundle (models/bundle.py) is config.json (format "vqtok-tokenizer", the VQVAEConfig, the
+preprocessing, the grid) and model.safetensors (inference weights, codebook included). Loading
+never executes code from the bundle: JSON and safetensors only.
+
+The one preprocessing policy (Preprocess), recorded in the bundle so tokenizing later repeats it:
+1. Mode: channels=1 -> grayscale ("L"), channels=3 -> RGB. Transparent pixels are composited onto
+   white first; 16-bit grayscale keeps its top 8 bits; any other mode is converted by PIL.
+2. Geometry: resize so the shorter side equals image_size (bicubic), then center-crop a square.
+3. Values: uint8 [0, 255] -> float [-1, 1] (x / 127.5 - 1) for the model, and back with rounding.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 from PIL import Image
-import fsspec
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import save_file
 
-from .preprocess import Preprocess
+from .bundle import (CONFIG_FILE, WEIGHTS_FILE, bundle_hash, bundle_id, load_weights, parse_config, read_bundle,
+                     vqtok_version, write_bundle)
 from .vqvae import VQVAE, VQVAEConfig
 
 BUNDLE_FORMAT = "vqtok-tokenizer"
 BUNDLE_VERSION = 1
-CONFIG_FILE = "config.json"
-WEIGHTS_FILE = "model.safetensors"
+
+__all__ = ["Preprocess", "Tokenizer", "read_bundle", "bundle_id"]
+
+POLICY = "shorter-side-bicubic-resize+center-crop; uint8/127.5-1"
 
 
-def _version() -> str:
+@dataclass(kw_only=True, frozen=True)
+class Preprocess:
+    image_size: int
+    channels: int
+    policy: str = POLICY
+
+    def __post_init__(self):
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels={self.channels}: use 1 (grayscale) or 3 (RGB)")
+        if self.image_size < 4:
+            raise ValueError(f"image_size={self.image_size}: must be at least 4 pixels")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    # --- one image -> (S, S, C) uint8 --------------------------------------------------------
+    def pil_to_array(self, img: Image.Image) -> np.ndarray:
+        """A decoded PIL image -> (S, S, C) uint8 following the policy. Raises ValueError for
+        modes that cannot be made into pixels."""
+        img = _to_mode(img, "L" if self.channels == 1 else "RGB")
+        s = self.image_size
+        w, h = img.size
+        if (w, h) != (s, s):
+            scale = s / min(w, h)
+            nw, nh = max(s, round(w * scale)), max(s, round(h * scale))
+            img = img.resize((nw, nh), Image.Resampling.BICUBIC)
+            left, top = (nw - s) // 2, (nh - s) // 2
+            img = img.crop((left, top, left + s, top + s))
+        arr = np.asarray(img, dtype=np.uint8)
+        return arr.reshape(s, s, self.channels)
+
+    def array_to_array(self, arr: np.ndarray) -> np.ndarray:
+        """A uint8 array (H, W) or (H, W, C) -> (S, S, C) uint8. Arrays of the right size and
+        channel count pass through untouched (the fast path)."""
+        if arr.dtype != np.uint8:
+            raise ValueError(f"images must be uint8, got dtype {arr.dtype}; convert with .astype(np.uint8)")
+        if arr.ndim == 2:
+            arr = arr[:, :, None]
+        if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4):
+            raise ValueError(f"an image must be (H, W) or (H, W, C) with C in 1, 3, 4; got shape {arr.shape}")
+        s, c = self.image_size, arr.shape[2]
+        if arr.shape[:2] == (s, s) and c == self.channels:
+            return arr
+        if arr.shape[:2] == (s, s) and c == 1 and self.channels == 3:
+            return np.repeat(arr, 3, axis=2)
+        mode = {1: "L", 3: "RGB", 4: "RGBA"}[c]
+        return self.pil_to_array(Image.fromarray(arr[:, :, 0] if c == 1 else arr, mode))
+
+    # --- batches: uint8 (B, S, S, C) <-> float (B, C, S, S) -----------------------------------
+    @staticmethod
+    def to_model(batch: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, S, S, C) -> float32 (B, C, S, S) in [-1, 1]."""
+        return batch.permute(0, 3, 1, 2).float().div_(127.5).sub_(1.0)
+
+    @staticmethod
+    def from_model(x: torch.Tensor) -> torch.Tensor:
+        """float (B, C, S, S) in [-1, 1] -> uint8 (B, S, S, C), rounded and clamped."""
+        return x.detach().float().add(1.0).mul_(127.5).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def _to_mode(img: Image.Image, target: str) -> Image.Image:
+    if img.mode == target:
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        arr = (np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8)
+        return _to_mode(Image.fromarray(arr, "L"), target)
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, rgba)
     try:
-        from importlib.metadata import version
+        return img.convert(target)
+    except (ValueError, OSError) as e:
+        raise ValueError(f"cannot convert image mode {img.mode!r} to {target!r}: {e}") from e
 
-        return version("vqtok")
-    except Exception:  # running from a source tree that is not installed
-        return "0+unknown"
 
+# ---------------------------------------------------------------------------------------------
+# The tokenizer
+# ---------------------------------------------------------------------------------------------
 
 class Tokenizer:
     def __init__(self, model: VQVAE, *, id: str | None = None):
@@ -49,32 +126,16 @@ class Tokenizer:
 
     # --- bundle I/O ---------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> str:
-        """Write the bundle to `path` (a directory) atomically: files go to a staging directory
-        that is renamed into place. Returns the bundle id."""
-        path = Path(path)
-        staging = path.with_name(path.name + ".staging")
-        staging.mkdir(parents=True, exist_ok=True)
+        """Write the bundle to the directory `path` (atomically); returns the bundle id."""
         config = {
             "format": BUNDLE_FORMAT,
             "format_version": BUNDLE_VERSION,
-            "vqtok_version": _version(),
+            "vqtok_version": vqtok_version(),
             "model": self.config.to_dict(),
             "preprocess": self.preprocess.to_dict(),
             "grid": [self.config.grid, self.config.grid],
         }
-        (staging / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        weights = {k: v.detach().cpu().contiguous() for k, v in self.model.inference_state_dict().items()}
-        save_file(weights, str(staging / WEIGHTS_FILE), metadata={"format": BUNDLE_FORMAT})
-        if path.exists():
-            old = path.with_name(path.name + ".old")
-            os.replace(path, old)
-            os.replace(staging, path)
-            for f in old.iterdir():
-                f.unlink()
-            old.rmdir()
-        else:
-            os.replace(staging, path)
-        self._id = bundle_id(path)
+        self._id = write_bundle(path, config, self.model.inference_state_dict())
         return self._id
 
     @classmethod
@@ -87,23 +148,16 @@ class Tokenizer:
                    where: str = "<bytes>") -> "Tokenizer":
         """Rebuild a tokenizer from the two bundle files' bytes (what `read_bundle` returns); this is
         how Ray workers receive a bundle that only the driver can read."""
-        config = json.loads(config_bytes)
-        if config.get("format") != BUNDLE_FORMAT:
-            raise ValueError(f"{where}/{CONFIG_FILE}: format is {config.get('format')!r}, expected {BUNDLE_FORMAT!r}")
-        if config.get("format_version", 0) > BUNDLE_VERSION:
-            raise ValueError(
-                f"{where}/{CONFIG_FILE}: bundle format_version {config['format_version']} is newer than this vqtok "
-                f"understands ({BUNDLE_VERSION}); upgrade vqtok"
-            )
-        model = VQVAE(VQVAEConfig.from_dict(config["model"]))
-        state = load_safetensors(weights_bytes)
+        config = parse_config(config_bytes, fmt=BUNDLE_FORMAT, version=BUNDLE_VERSION, where=where)
+        model = VQVAE(VQVAEConfig.from_dict(config["model"], where=f"{where}/{CONFIG_FILE} model"))
+        state = load_weights(weights_bytes)
         missing, unexpected = model.load_state_dict(state, strict=False)
         training_only = tuple(f"quantizer.{b}" for b in model.quantizer.TRAINING_BUFFERS)
         missing = [k for k in missing if not k.startswith(training_only)]
         if missing or unexpected:
             raise ValueError(f"{where}/{WEIGHTS_FILE}: weights do not match config.json (missing {missing}, unexpected {unexpected})")
         model.quantizer.initialized.fill_(True)
-        return cls(model.to(device), id=hashlib.sha256(config_bytes + weights_bytes).hexdigest())
+        return cls(model.to(device), id=bundle_hash(config_bytes, weights_bytes))
 
     @property
     def id(self) -> str:
@@ -170,21 +224,3 @@ class Tokenizer:
         ]
         images = torch.cat(out)
         return images[..., 0] if self.config.channels == 1 else images
-
-
-def read_bundle(path: str | os.PathLike) -> tuple[bytes, bytes]:
-    """The bytes of a bundle's config.json and model.safetensors, from a directory or fsspec URL."""
-    base = str(path).rstrip("/")
-    try:
-        fs, root = fsspec.core.url_to_fs(base)
-        return fs.cat_file(f"{root}/{CONFIG_FILE}"), fs.cat_file(f"{root}/{WEIGHTS_FILE}")
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-        raise FileNotFoundError(
-            f"{path} is not a tokenizer bundle: expected {CONFIG_FILE} and {WEIGHTS_FILE} in it "
-            f"(train one with `vqtok train-vqvae`, which writes RUN_DIR/tokenizer/)"
-        ) from None
-
-
-def bundle_id(path: str | os.PathLike) -> str:
-    """sha256 over config.json's bytes followed by model.safetensors' bytes."""
-    return hashlib.sha256(b"".join(read_bundle(path))).hexdigest()

@@ -1,75 +1,90 @@
-"""The VQ-VAE: CNN encoder -> vector quantizer -> CNN decoder.
+"""The VQ-VAE: CNN encoder -> vector quantizer -> CNN decoder, in one file.
 
-Read top to bottom: the config, the residual block, the encoder, the decoder, the model.
-Channel widths grow as resolution falls: `width` channels at the token grid, half that one
-resolution up, and so on (never below 16), so compute stays where the grid is small.
+Read top to bottom: the config, the residual block, the encoder, the decoder, the quantizer (with
+its losses and stop-gradients), the model. Channel widths grow as resolution falls: `width`
+channels at the token grid, half that one resolution up, and so on (never below 16), so compute
+stays where the grid is small.
+
+The vector quantizer: nearest code, straight-through gradients, codebook + commitment losses.
+
+    z_e  = proj_in(encoder output)                      # (N, d) continuous vectors
+    k*   = argmin_k ||z_e - e_k||^2                     # nearest code (kernels.nearest_code)
+    q    = e_{k*}
+    codebook_loss   = ||sg[z_e] - q||^2                 # gradient reaches the codebook only
+    commitment_loss = ||z_e - sg[q]||^2                 # gradient reaches the encoder only
+    loss = codebook_loss + beta * commitment_loss       # (EMA mode: the codebook term is replaced
+                                                        #  by the EMA update below)
+    z_q  = z_e + sg[q - z_e]                            # straight-through estimator
+
+EMA codebook (default): N_k <- decay N_k + (1 - decay) n_k,  m_k <- decay m_k + (1 - decay) sum z_e,
+e_k = m_k / N~_k with Laplace-smoothed counts N~_k. Codebook statistics (n_k, sums, the k-means
+initialisation and the dead-code replacements) are made global through the Collectives the trainer
+passes in (models/distributed.py): counts and sums are all-reduced, random draws are taken on
+rank 0 and broadcast, so every replica holds the same codebook.
+
+All quantizer arithmetic runs in fp32, even under autocast.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantizer import QuantizerOutput, VectorQuantizer
+from ..kernels import nearest_code
+from .config import Config, ConfigError, option
+from .distributed import SINGLE_PROCESS, Collectives
 
 
 @dataclass(kw_only=True)
-class VQVAEConfig:
-    image_size: int = 28
-    channels: int = 1  # 1 grayscale, 3 RGB
-    downsample: int = 4  # token grid = image_size / downsample per side; 4, 8 or 16
-    width: int = 80  # channels at the token grid
-    res_blocks: int = 2  # residual blocks at the token grid, in the encoder and in the decoder
-    codebook_size: int = 512  # K
-    code_dim: int = 64  # encoder output dimension
-    codebook_dim: int | None = 16  # low-dimensional codes behind a projection (None: code_dim)
-    l2_normalize: bool = True  # l2-normalised codes: with codebook_dim, lifts codebook perplexity
-    beta: float = 0.25  # commitment weight
-    codebook: str = "ema"  # "ema" or "gradient"
-    ema_decay: float = 0.99
-    ema_eps: float = 1e-5
-    kmeans_init: bool = True
-    random_init: str = "normal"  # without kmeans_init: "normal" N(0, 1) or "uniform" U(-1/K, 1/K) (the original VQ-VAE)
-    restart_window: int = 100  # steps; codes unused that long are restarted (0: never)
+class VQVAEConfig(Config):
+    WHAT = "model"
+    image_size: int = option(28, "images are resized and center-cropped to this square")
+    channels: int = option(1, "1 grayscale or 3 RGB")
+    downsample: int = option(4, "4, 8 or 16: token grid = image-size / downsample per side")
+    width: int = option(80, "channels at the token grid")
+    res_blocks: int = option(2, "residual blocks at the token grid, in the encoder and in the decoder")
+    codebook_size: int = option(512, "K, the number of codes")
+    code_dim: int = option(64, "encoder output dimension")
+    codebook_dim: int | None = option(16, "dimension of the codes behind a projection (0 or none: code-dim)")
+    l2_normalize: bool = option(True, "l2-normalised codes (with a small codebook-dim, lifts codebook perplexity)")
+    beta: float = option(0.25, "commitment loss weight")
+    codebook: str = option("ema", "ema (codebook = moving average of its vectors) or gradient (codebook loss)")
+    ema_decay: float = option(0.99, "EMA decay of the codebook statistics")
+    ema_eps: float = option(1e-5, "Laplace smoothing of the EMA counts")
+    kmeans_init: bool = option(True, "k-means++ on the first batch as the starting codebook")
+    random_init: str = option("normal", "starting codebook without k-means init: normal N(0,1) or uniform "
+                                        "U(-1/K,1/K) (the original VQ-VAE's)")
+    restart_window: int = option(100, "restart codes unused for this many steps (0: never)")
 
     def __post_init__(self):
+        if self.codebook_dim == 0:
+            self.codebook_dim = None
         if self.downsample not in (4, 8, 16):
-            raise ValueError(f"downsample={self.downsample}: use 4, 8 or 16")
+            raise ConfigError(f"downsample={self.downsample}: use 4, 8 or 16")
         if self.image_size % self.downsample:
             s, d = self.image_size, self.downsample
-            raise ValueError(
+            raise ConfigError(
                 f"image_size={s} is not divisible by downsample={d}: pick an image size that is a "
                 f"multiple of {d} (e.g. {max(d, s // d * d)} or {(s // d + 1) * d})"
             )
         if self.channels not in (1, 3):
-            raise ValueError(f"channels={self.channels}: use 1 (grayscale) or 3 (RGB)")
+            raise ConfigError(f"channels={self.channels}: use 1 (grayscale) or 3 (RGB)")
         if self.codebook_size < 2:
-            raise ValueError(f"codebook_size={self.codebook_size}: a codebook needs at least 2 codes (e.g. 512)")
+            raise ConfigError(f"codebook_size={self.codebook_size}: a codebook needs at least 2 codes (e.g. 512)")
         if self.random_init not in ("normal", "uniform"):
-            raise ValueError(f"random_init={self.random_init!r}: use 'normal' or 'uniform'")
+            raise ConfigError(f"random_init={self.random_init!r}: use 'normal' or 'uniform'")
         if self.codebook not in ("ema", "gradient"):
-            raise ValueError(f"codebook={self.codebook!r}: use 'ema' or 'gradient'")
+            raise ConfigError(f"codebook={self.codebook!r}: use 'ema' or 'gradient'")
         for name in ("width", "code_dim", "res_blocks"):
             if getattr(self, name) < (0 if name == "res_blocks" else 1):
-                raise ValueError(f"{name}={getattr(self, name)} must be positive")
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
 
     @property
     def grid(self) -> int:
         return self.image_size // self.downsample
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "VQVAEConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}; known keys: {sorted(known)}")
-        return cls(**d)
 
 
 class ResBlock(nn.Module):
@@ -119,8 +134,237 @@ class Decoder(nn.Module):
         return self.net(z)
 
 
+# ---------------------------------------------------------------------------------------------
+# The vector quantizer
+# ---------------------------------------------------------------------------------------------
+def stop_gradient(t: torch.Tensor) -> torch.Tensor:
+    return t.detach()
+
+
+def straight_through(src: torch.Tensor, tgt: torch.Tensor) -> torch.Tensor:
+    """Forward value of tgt, gradient of src (identity)."""
+    return src + stop_gradient(tgt - src)
+
+
+@dataclass
+class QuantizerOutput:
+    quantized: torch.Tensor  # (B, C, h, w) straight-through output, to the decoder
+    indices: torch.Tensor  # (B, h, w) int64
+    loss: torch.Tensor  # scalar: what the quantizer adds to the training loss
+    codebook_loss: torch.Tensor  # scalar ||sg[z_e] - q||^2
+    commitment_loss: torch.Tensor  # scalar ||z_e - sg[q]||^2
+    perplexity: torch.Tensor  # scalar, this batch
+
+
+class VectorQuantizer(nn.Module):
+    def __init__(
+        self,
+        *,
+        codebook_size: int,
+        dim: int,
+        codebook_dim: int | None = None,
+        l2_normalize: bool = False,
+        beta: float = 0.25,
+        ema: bool = True,
+        decay: float = 0.99,
+        eps: float = 1e-5,
+        kmeans_init: bool = True,
+        random_init: str = "normal",
+        kmeans_iters: int = 10,
+        restart_window: int = 100,
+        comm: Collectives = SINGLE_PROCESS,
+    ):
+        super().__init__()
+        if codebook_size < 2:
+            raise ValueError(f"codebook_size={codebook_size}: a codebook needs at least 2 codes")
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"ema decay={decay}: must be in (0, 1), e.g. 0.99")
+        if restart_window < 0:
+            raise ValueError(f"restart_window={restart_window}: use 0 to disable dead-code restarts")
+        d = codebook_dim or dim
+        self.codebook_size, self.dim, self.code_dim = codebook_size, dim, d
+        self.l2_normalize, self.beta, self.ema = l2_normalize, beta, ema
+        self.decay, self.eps = decay, eps
+        self.kmeans_iters, self.restart_window = kmeans_iters, restart_window
+        # Under data parallelism the codebook statistics are summed over ranks and random draws
+        # come from rank 0 (both through `comm`), so every replica holds the same codebook.
+        self.comm = comm
+        # Low-dimensional codes live behind a projection (in and out of the code space).
+        self.proj_in = nn.Linear(dim, d) if d != dim else nn.Identity()
+        self.proj_out = nn.Linear(d, dim) if d != dim else nn.Identity()
+
+        # the starting codebook, replaced by k-means on the first batch when kmeans_init;
+        # "uniform" is the original VQ-VAE's U(-1/K, 1/K)
+        if random_init == "uniform":
+            embed = torch.empty(codebook_size, d).uniform_(-1.0 / codebook_size, 1.0 / codebook_size)
+        else:
+            embed = torch.randn(codebook_size, d)
+        if l2_normalize:
+            embed = F.normalize(embed, dim=-1)
+        if ema:
+            self.register_buffer("codebook", embed)
+            self.register_buffer("ema_count", torch.ones(codebook_size))
+            self.register_buffer("ema_sum", embed.clone())
+        else:
+            self.codebook = nn.Parameter(embed)
+        self.register_buffer("initialized", torch.tensor(not kmeans_init))
+        # Per-step code counts over the last `restart_window` steps (a ring), for usage and restarts.
+        self.register_buffer("usage_ring", torch.zeros(max(restart_window, 1), codebook_size))
+        self.register_buffer("steps", torch.tensor(0, dtype=torch.int64))
+
+    TRAINING_BUFFERS = ("ema_count", "ema_sum", "initialized", "usage_ring", "steps")
+
+    # ------------------------------------------------------------------------------------------
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            b, c, h, w = z.shape
+            flat = z.float().permute(0, 2, 3, 1).reshape(-1, c)  # (N, C), N = B*h*w
+            z_e = self.proj_in(flat)  # (N, d)
+            if self.l2_normalize:
+                z_e = F.normalize(z_e, dim=-1)
+            if self.training and not bool(self.initialized):
+                self._kmeans_init(stop_gradient(z_e))
+
+            idx = nearest_code(stop_gradient(z_e), self.codebook)  # (N,)
+            q = F.embedding(idx, self.codebook)  # (N, d)
+
+            codebook_loss = F.mse_loss(q, stop_gradient(z_e))
+            commitment_loss = F.mse_loss(z_e, stop_gradient(q))
+            loss = self.beta * commitment_loss
+            if not self.ema:
+                loss = loss + codebook_loss
+
+            counts = torch.bincount(idx, minlength=self.codebook_size).float()
+            if self.training:
+                self._update_codebook(stop_gradient(z_e), idx, counts)
+
+            z_q = self.proj_out(straight_through(z_e, q))  # (N, C)
+            quantized = z_q.reshape(b, h, w, c).permute(0, 3, 1, 2)
+            return QuantizerOutput(
+                quantized=quantized,
+                indices=idx.reshape(b, h, w),
+                loss=loss,
+                codebook_loss=codebook_loss,
+                commitment_loss=commitment_loss,
+                perplexity=perplexity(counts),
+            )
+
+    # ------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _update_codebook(self, z_e: torch.Tensor, idx: torch.Tensor, counts: torch.Tensor) -> None:
+        counts = counts.clone()
+        if self.ema:
+            sums = torch.zeros_like(self.codebook).index_add_(0, idx, z_e)  # (K, d)
+            self.comm.all_reduce_sum(counts, sums)
+            self.ema_count.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+            self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+            self._codebook_from_ema()
+        else:
+            self.comm.all_reduce_sum(counts)
+        if self.restart_window:
+            self.usage_ring[int(self.steps) % self.restart_window] = counts
+            self.steps += 1
+            if int(self.steps) % self.restart_window == 0:
+                self.restart_dead_codes(z_e)
+        else:
+            self.usage_ring[0] = counts
+            self.steps += 1
+
+    def _codebook_from_ema(self) -> None:
+        n = self.ema_count.sum()
+        smoothed = (self.ema_count + self.eps) / (n + self.codebook_size * self.eps) * n  # Laplace
+        codebook = self.ema_sum / smoothed[:, None]
+        if self.l2_normalize:
+            codebook = F.normalize(codebook, dim=-1)
+        self.codebook.copy_(codebook)
+
+    @torch.no_grad()
+    def restart_dead_codes(self, z_e: torch.Tensor) -> int:
+        """Codes unused over the whole window are re-seeded from recent encoder outputs (drawn on
+        rank 0, broadcast) and their EMA statistics reset. Returns how many were restarted."""
+        dead = self.usage_ring.sum(0) == 0  # identical on every rank: counts were all-reduced
+        n_dead = int(dead.sum())
+        if n_dead == 0:
+            return 0
+        new = z_e[torch.randint(0, z_e.shape[0], (n_dead,), device=z_e.device)].clone()
+        self.comm.broadcast(new)
+        self.codebook.data[dead] = new
+        if self.ema:
+            self.ema_sum[dead] = new
+            self.ema_count[dead] = 1.0
+        return n_dead
+
+    @torch.no_grad()
+    def _kmeans_init(self, z_e: torch.Tensor) -> None:
+        """k-means on the first training batch (drawn on rank 0, broadcast to all ranks)."""
+        centroids, sizes = kmeans(z_e, self.codebook_size, self.kmeans_iters, self.l2_normalize)
+        self.comm.broadcast(centroids, sizes)
+        self.codebook.data.copy_(centroids)
+        if self.ema:
+            self.ema_count.copy_(sizes.clamp_min(1.0))
+            self.ema_sum.copy_(centroids * self.ema_count[:, None])
+        self.initialized.fill_(True)
+
+    # ------------------------------------------------------------------------------------------
+    def usage(self) -> float:
+        """Fraction of codes used at least once over the recent window of training steps."""
+        filled = min(int(self.steps), self.usage_ring.shape[0])
+        if filled == 0:
+            return 0.0
+        return float((self.usage_ring.sum(0) > 0).float().mean())
+
+    @torch.no_grad()
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Token indices (B, h, w) -> decoder input (B, C, h, w)."""
+        b, h, w = indices.shape
+        q = F.embedding(indices.reshape(-1), self.codebook)
+        return self.proj_out(q).reshape(b, h, w, self.dim).permute(0, 3, 1, 2)
+
+
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of a code histogram: K when codes are used uniformly, 1 when one code is."""
+    p = counts / counts.sum().clamp_min(1e-12)
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-12))).sum())
+
+
+@torch.no_grad()
+def kmeans(x: torch.Tensor, k: int, iters: int, l2_normalize: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means seeded with k-means++ (D^2 sampling); empty clusters are re-seeded with
+    random points. Returns (centroids (k, d), cluster sizes (k,) float)."""
+    n = x.shape[0]
+    if n <= k:  # fewer points than codes: every point is a code, the rest repeat points at random
+        extra = torch.randint(0, n, (k - n,), device=x.device)
+        pick = torch.cat([torch.arange(n, device=x.device), extra])  # (k,) the point each code copies
+        # a code's cluster size: how many codes copy the same point (bincount over points, then
+        # looked up per code), so a point repeated by three codes gives each of them size 3
+        return x[pick].clone(), torch.bincount(pick, minlength=n)[pick].float()
+    centroids = torch.empty(k, x.shape[1], device=x.device, dtype=x.dtype)
+    centroids[0] = x[torch.randint(0, n, (1,), device=x.device)]
+    d2 = (x - centroids[0]).pow(2).sum(1)
+    for i in range(1, k):
+        total = d2.sum()
+        j = torch.multinomial(d2 / total, 1) if total > 0 else torch.randint(0, n, (1,), device=x.device)
+        centroids[i] = x[j]
+        d2 = torch.minimum(d2, (x - centroids[i]).pow(2).sum(1))
+    sizes = torch.zeros(k, device=x.device)
+    for _ in range(max(iters, 1)):
+        idx = nearest_code(x, centroids)
+        sizes = torch.bincount(idx, minlength=k).float()
+        sums = torch.zeros_like(centroids).index_add_(0, idx, x)
+        empty = sizes == 0
+        centroids = torch.where(empty[:, None], centroids, sums / sizes.clamp_min(1.0)[:, None])
+        if empty.any():
+            centroids[empty] = x[torch.randint(0, n, (int(empty.sum()),), device=x.device)]
+        if l2_normalize:
+            centroids = F.normalize(centroids, dim=-1)
+    return centroids, sizes
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
 class VQVAE(nn.Module):
-    def __init__(self, cfg: VQVAEConfig):
+    def __init__(self, cfg: VQVAEConfig, comm: Collectives = SINGLE_PROCESS):
         super().__init__()
         self.cfg = cfg
         self.encoder = Encoder(cfg)
@@ -136,6 +380,7 @@ class VQVAE(nn.Module):
             kmeans_init=cfg.kmeans_init,
             random_init=cfg.random_init,
             restart_window=cfg.restart_window,
+            comm=comm,
         )
         self.decoder = Decoder(cfg)
 

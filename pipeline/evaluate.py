@@ -2,16 +2,17 @@
 and perplexity over the whole evaluation set (not one batch)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ..models.preprocess import Preprocess
-from ..models.quantizer import perplexity, psnr
+from ..models.tokenizer import Preprocess
+from ..models.vqvae import perplexity
 from ..models.vqvae import VQVAE
-from .stream import ImageStream
+from .image_stream import ImageStream
 from .viz import save_reconstruction_grid, save_usage_histogram
 
 
@@ -72,3 +73,8 @@ def save_eval_pictures(result: EvalResult, out_dir, usage_title: str) -> tuple[s
     recon = save_reconstruction_grid(result.originals, result.reconstructions, Path(out_dir) / "reconstructions.png")
     usage = save_usage_histogram(result.counts, Path(out_dir) / "codebook_usage.png", title=usage_title)
     return recon, usage
+
+
+def psnr(mse: float) -> float:
+    """PSNR in dB for pixels in [0, 1]."""
+    return float("inf") if mse <= 0 else 10.0 * math.log10(1.0 / mse)

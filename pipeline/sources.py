@@ -1,22 +1,27 @@
-"""Corpus sources: URL patterns -> sorted units of work -> raw samples.
+"""Corpus sources: URL patterns -> sorted units of work -> raw samples -> decoded pixels.
 
-A unit is one input shard or file (a WebDataset tar, a Parquet file with an image-bytes column,
-an IDX file, a chunk of an image folder).
+A unit is the unit of work: one input file (a WebDataset tar shard, a Parquet file with an
+image-bytes column, an IDX file) or a fixed group of files of an image folder (a "folder unit").
 Units are listed and sorted on the driver; everything downstream is a function of that list.
 
     units = list_units(["/data/train-{000000..000099}.tar", "s3://bucket/more/*.tar"])
-    for sample in iter_unit(units[0], on_failure=failures.add): ...
+    for sample in iter_unit(units[0], on_failure=failures.add):
+        pixels = decode_sample(sample, preprocess)          # (S, S, C) uint8, or DecodeError
 
 Raw samples carry encoded image bytes (tar members, image files) or already-decoded uint8 pixels
-(IDX). Decoding and preprocessing happen in pipeline.decode.
+(IDX). Decoding refuses what is not a safe, whole image: corrupt, truncated, zero-byte, non-image,
+oversized (decompression bombs: checked from the header, before any pixel is decoded) and odd-mode
+images raise DecodeError with the reason; callers skip and record them (a Failure each).
 """
 from __future__ import annotations
 
 import gzip
+import io
 import os
 import posixpath
 import re
 import tarfile
+import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -24,8 +29,10 @@ from dataclasses import dataclass, field
 import fsspec
 import numpy as np
 from braceexpand import braceexpand
+from PIL import Image, UnidentifiedImageError
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from ..models.tokenizer import Preprocess
 from .errors import DataError
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
@@ -43,9 +50,9 @@ _GLOB_CHARS = re.compile(r"[*?\[]")
 
 @dataclass(frozen=True)
 class Unit:
-    url: str  # the shard or file; for a folder chunk, the folder and the chunk number
+    url: str  # the shard or file; for a folder unit, the folder and the unit number
     kind: str  # "tar" | "idx" | "files" | "parquet"
-    files: tuple[str, ...] = ()  # "files": the image files of this chunk
+    files: tuple[str, ...] = ()  # "files": the image files of this folder unit
     labels: tuple[int | None, ...] = ()  # "files": the label of each file (from its parent folder)
     labels_url: str | None = None  # "idx": the matching labels file, when there is one
 
@@ -340,3 +347,60 @@ def _iter_files(unit: Unit, on_failure) -> Iterator[RawSample]:
             on_failure(Failure(key, unit.url, f"unreadable file {path} ({type(e).__name__}: {e})"))
             continue
         yield RawSample(key=key, data=data, label=label, unit=unit.url)
+
+
+# ---------------------------------------------------------------------------------------------
+# Decoding: raw sample -> preprocessed uint8 pixels
+# ---------------------------------------------------------------------------------------------
+DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # 64 Mpx: larger images are refused as decompression bombs
+
+
+class DecodeError(ValueError):
+    pass
+
+
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Encoded image bytes -> a fully decoded PIL image, after the safety checks (empty input,
+    non-image, decompression bomb from the header, truncation). Raises DecodeError."""
+    if len(data) == 0:
+        raise DecodeError("zero-byte image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))  # reads the header only
+            w, h = img.size
+            if w * h > max_pixels:
+                raise DecodeError(
+                    f"decompression bomb refused: {w}x{h} = {w * h} pixels > max {max_pixels} "
+                    f"(raise --max-image-pixels if such images are genuine)"
+                )
+            if w == 0 or h == 0:
+                raise DecodeError(f"empty image ({w}x{h})")
+            img.load()
+            return img
+    except DecodeError:
+        raise
+    except UnidentifiedImageError:
+        raise DecodeError(f"not an image ({len(data)} bytes starting {data[:8]!r})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise DecodeError(f"decompression bomb refused: {e}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise DecodeError(f"corrupt or truncated image ({type(e).__name__}: {e})") from None
+
+
+def decode_image(data: bytes, preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes -> (S, S, C) uint8 following the preprocessing policy."""
+    img = open_image(data, max_pixels)
+    try:
+        return preprocess.pil_to_array(img)
+    except ValueError as e:  # a mode the policy cannot convert
+        raise DecodeError(str(e)) from None
+
+
+def decode_sample(raw: RawSample, preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    if isinstance(raw.data, np.ndarray):
+        try:
+            return preprocess.array_to_array(raw.data)
+        except ValueError as e:
+            raise DecodeError(str(e)) from None
+    return decode_image(raw.data, preprocess, max_pixels)

@@ -1,15 +1,16 @@
-"""The stages of batch tokenization, as plain functions on Arrow tables (Ray Data runs them; tests
-can call them directly).
+"""The stages of batch tokenization, as plain functions on Arrow tables (Ray Data runs them, from
+jobs/tokenize.py; tests and benchmarks can call them directly).
 
-    read_units      (Ray tasks)   a unit -> chunks of preprocessed pixels, failures recorded
-    ChunkEncoder    (Ray actors)  pixels -> token grids; pixels are dropped here
+    read_units      (Ray tasks)   a unit -> batches of preprocessed pixels, failures recorded
+    BatchEncoder    (Ray actors)  pixels -> token grids; pixels are dropped here
     UnitAssembler   (driver)      token rows -> one complete, ordered table per unit, for commit
 
-Rows carry (part, pos): the unit's part number and the sample's position among the unit's good
-samples. Encoding groups rows by (part, pos // batch_size), so every image is encoded in the same
-batch whatever the number of workers or how Ray splits blocks: `vqtok tokenize` gives exactly
-`Tokenizer.encode(unit_images, batch_size)`. The last chunk of a unit carries `total` (its number
-of good samples) and its failures as JSON; a unit whose last chunk would be empty sends one
+A batch here is up to batch_size good images of one unit, in order. Rows carry (part_index, pos):
+the number of the unit's part (part-NNNNNN.parquet) and the image's position among the unit's good
+images. Encoding groups rows by (part_index, pos // batch_size), so every image is encoded in the
+same group whatever the number of workers or how Ray splits blocks: `vqtok tokenize` gives exactly
+`Tokenizer.encode(unit_images, batch_size)`. The last batch of a unit carries `total` (its number
+of good images) and its failures as JSON; a unit whose last batch would be empty sends one
 placeholder row with a null key and null pixels.
 """
 from __future__ import annotations
@@ -22,9 +23,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..models.preprocess import Preprocess
-from .decode import DecodeError, decode_sample
-from .sources import Failure, Unit, iter_unit
+from ..models.tokenizer import Preprocess
+from .sources import DecodeError, Failure, Unit, decode_sample, iter_unit
+from .token_dataset import tokens_array
 
 
 def unit_to_json(unit: Unit) -> str:
@@ -37,18 +38,18 @@ def unit_from_json(s: str) -> Unit:
                 labels_url=d["labels_url"])
 
 
-def chunk_schema(pixel_bytes: int) -> pa.Schema:
+def batch_schema(pixel_bytes: int) -> pa.Schema:
     return pa.schema([
-        ("part", pa.int32()), ("pos", pa.int64()), ("key", pa.string()), ("label", pa.int32()),
+        ("part_index", pa.int32()), ("pos", pa.int64()), ("key", pa.string()), ("label", pa.int32()),
         ("pixels", pa.binary(pixel_bytes)), ("total", pa.int64()), ("failures", pa.string()),
     ])
 
 
-def read_units(batch: pa.Table, *, preprocess: Preprocess, chunk_size: int, max_pixels: int):
-    """Ray Data map_batches generator: rows (unit JSON, part) -> chunk tables of pixels."""
+def read_units(batch: pa.Table, *, preprocess: Preprocess, batch_size: int, max_pixels: int):
+    """Ray Data map_batches generator: rows (unit JSON, part_index) -> tables of pixel rows, one per batch."""
     s, c = preprocess.image_size, preprocess.channels
-    schema = chunk_schema(s * s * c)
-    for unit_json, part in zip(batch.column("unit").to_pylist(), batch.column("part").to_pylist()):
+    schema = batch_schema(s * s * c)
+    for unit_json, part_index in zip(batch.column("unit").to_pylist(), batch.column("part_index").to_pylist()):
         unit = unit_from_json(unit_json)
         failures: list[Failure] = []
         keys, labels, pixels = [], [], []
@@ -68,7 +69,7 @@ def read_units(batch: pa.Table, *, preprocess: Preprocess, chunk_size: int, max_
                 fails[-1] = json.dumps([asdict(f) for f in failures])
             start = pos
             return pa.Table.from_arrays([
-                pa.array([part] * n, pa.int32()), pa.array(np.arange(start, start + n), pa.int64()),
+                pa.array([part_index] * n, pa.int32()), pa.array(np.arange(start, start + n), pa.int64()),
                 pa.array(rows_keys, pa.string()), pa.array(rows_labels, pa.int32()), pix,
                 pa.array(total, pa.int64()), pa.array(fails, pa.string()),
             ], schema=schema)
@@ -82,14 +83,14 @@ def read_units(batch: pa.Table, *, preprocess: Preprocess, chunk_size: int, max_
             keys.append(raw.key)
             labels.append(raw.label)
             pixels.append(arr.tobytes())
-            if len(keys) == chunk_size:
+            if len(keys) == batch_size:
                 yield flush(last=False)
                 pos += len(keys)
                 keys, labels, pixels = [], [], []
         yield flush(last=True)
 
 
-class ChunkEncoder:
+class BatchEncoder:
     """Ray Data actor: loads the tokenizer once, turns pixel rows into token rows."""
 
     def __init__(self, bundle, *, batch_size: int, device: str = "cpu", threads: int = 0):
@@ -110,20 +111,22 @@ class ChunkEncoder:
         self.k = cfg.codebook_size
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        from .tokens import tokens_array
-
         pixels = batch.column("pixels").combine_chunks()
         valid = pc.is_valid(batch.column("key")).to_numpy(zero_copy_only=False)
         n = len(batch)
         size = int(np.prod(self.shape))
+        # The pixels column is fixed_size_binary(S*S*C): buffers()[1] is its data buffer, every
+        # image `size` bytes back to back. A column sliced out of a bigger one still points at the
+        # whole buffer, with `offset` counting the rows before the slice, so this column's images
+        # are bytes [offset * size, (offset + n) * size): zero-copy, no per-row Python objects.
         buf = np.frombuffer(pixels.buffers()[1], dtype=np.uint8)[pixels.offset * size:(pixels.offset + n) * size]
-        images = buf.reshape(n, *self.shape)
+        images = buf.reshape(n, *self.shape)  # (n, S, S, C) uint8
         h = self.tok.grid[0]
         grids = np.zeros((n, h, self.tok.grid[1]), dtype=np.int64)
-        parts = batch.column("part").to_numpy()
+        parts = batch.column("part_index").to_numpy()
         groups = batch.column("pos").to_numpy() // self.batch_size
-        # encode each (part, pos // batch_size) group on its own: batch composition is a function
-        # of the data only, never of how the rows were spread over workers
+        # encode each (part_index, pos // batch_size) group on its own: what is encoded together
+        # is a function of the data only, never of how the rows were spread over workers
         order = np.lexsort((groups, parts))
         keys = np.stack([parts[order], groups[order]], 1)
         cuts = np.flatnonzero(np.any(keys[1:] != keys[:-1], axis=1)) + 1
@@ -136,7 +139,7 @@ class ChunkEncoder:
 
 
 class UnitAssembler:
-    """Driver side: collects token rows per part until a unit is complete."""
+    """Driver side: collects token rows per unit (by part_index index) until the unit is complete."""
 
     def __init__(self):
         self.tables: dict[int, list[pa.Table]] = defaultdict(list)
@@ -145,36 +148,36 @@ class UnitAssembler:
         self.failures: dict[int, list[dict]] = {}
 
     def add(self, table: pa.Table) -> list[tuple[int, pa.Table, list[dict]]]:
-        """Add a batch; return the units it completed as (part, rows ordered by pos, failures)."""
+        """Add encoded rows; return the units they completed as (part_index, rows ordered by pos, failures)."""
         done = []
-        parts = table.column("part").to_numpy()
-        for part in np.unique(parts):
-            t = table.filter(pc.equal(table.column("part"), int(part)))
-            part = int(part)
+        parts = table.column("part_index").to_numpy()
+        for part_index in np.unique(parts):
+            t = table.filter(pc.equal(table.column("part_index"), int(part_index)))
+            part_index = int(part_index)
             last = t.filter(pc.greater_equal(t.column("total"), 0))
             if last.num_rows:
-                self.total[part] = int(last.column("total")[0].as_py())
-                self.failures[part] = json.loads(last.column("failures")[0].as_py())
+                self.total[part_index] = int(last.column("total")[0].as_py())
+                self.failures[part_index] = json.loads(last.column("failures")[0].as_py())
             good = t.filter(pc.is_valid(t.column("key")))  # drops the placeholder row
-            self.tables[part].append(good)
-            self.rows[part] += good.num_rows
-            if part in self.total and self.rows[part] >= self.total[part]:
-                finished = self._finish(part)
+            self.tables[part_index].append(good)
+            self.rows[part_index] += good.num_rows
+            if part_index in self.total and self.rows[part_index] >= self.total[part_index]:
+                finished = self._finish(part_index)
                 if finished is not None:
                     done.append(finished)
         return done
 
-    def _finish(self, part: int) -> tuple[int, pa.Table, list[dict]] | None:
-        t = pa.concat_tables(self.tables[part]).sort_by("pos")
+    def _finish(self, part_index: int) -> tuple[int, pa.Table, list[dict]] | None:
+        t = pa.concat_tables(self.tables[part_index]).sort_by("pos")
         pos = t.column("pos").to_numpy()
-        if len(pos) > 1 and (np.diff(pos) == 0).any():  # a retried task delivered a chunk twice
+        if len(pos) > 1 and (np.diff(pos) == 0).any():  # a retried task delivered a batch twice
             t = t.filter(pa.array(np.concatenate([[True], np.diff(pos) != 0])))
-        if t.num_rows < self.total[part]:  # duplicates counted; a chunk is still to come
-            self.tables[part], self.rows[part] = [t], t.num_rows
+        if t.num_rows < self.total[part_index]:  # duplicates counted; a batch is still to come
+            self.tables[part_index], self.rows[part_index] = [t], t.num_rows
             return None
-        del self.tables[part], self.rows[part]
-        self.total.pop(part)
-        return part, t, self.failures.pop(part)
+        del self.tables[part_index], self.rows[part_index]
+        self.total.pop(part_index)
+        return part_index, t, self.failures.pop(part_index)
 
     @property
     def in_flight(self) -> int:

@@ -17,7 +17,6 @@ reading) and then the rows it had consumed within the epoch.
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -27,13 +26,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .errors import DataError
-from .tokens import METADATA_KEY, TokenDataset, _DescribedByMetadata
-
-
-@dataclass(frozen=True)
-class TokenPart:
-    url: str  # fsspec URL of the part file
-    rows: int
+from .token_dataset import METADATA_KEY, Part, TokenDataset, _DescribedByMetadata, iter_part_rows
 
 
 @dataclass
@@ -74,14 +67,8 @@ class TokenCorpus(_DescribedByMetadata):
                     f"A prior models one tokenizer's codes: re-tokenize everything with one tokenizer, or train one "
                     f"prior per tokenizer"
                 )
-        self.parts: list[TokenPart] = []
-        owners: list[TokenDataset] = []
-        for ds in self.datasets:
-            protocol = ds.fs.protocol if isinstance(ds.fs.protocol, str) else ds.fs.protocol[0]
-            for part, path in zip(ds.parts, ds.files()):
-                url = path if protocol in ("file", "local") else f"{protocol}://{path}"
-                self.parts.append(TokenPart(url, part.rows))
-                owners.append(ds)
+        self.parts: list[Part] = [part for ds in self.datasets for part in ds.parts]
+        owners = [ds for ds in self.datasets for _ in ds.parts]
         if check_parts:  # footers only; in parallel, since on an object store each is a request
             from concurrent.futures import ThreadPoolExecutor
 
@@ -122,7 +109,7 @@ class TokenCorpus(_DescribedByMetadata):
         rows = labeled = 0
         max_label = -1
         for part in self.parts:
-            for tokens, labels in read_part(part, 8192):
+            for tokens, labels in iter_part_rows(part, 8192):
                 if max_rows is not None and rows + len(labels) > max_rows:
                     tokens, labels = tokens[: max_rows - rows], labels[: max_rows - rows]
                 counts += np.bincount(tokens.reshape(-1), minlength=k)[:k]
@@ -143,16 +130,6 @@ class TokenCorpus(_DescribedByMetadata):
                 f"(grid {self.grid[0]}x{self.grid[1]}, K={self.codebook_size}, tokenizer {self.tokenizer_id[:16]})")
 
 
-def read_part(part: TokenPart, batch_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(tokens (m, h*w) int64... as stored (uint16/int32), labels (m,) int64 with -1 for none) chunks."""
-    with fsspec.open(part.url, "rb") as f:
-        for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=["tokens", "label"]):
-            col = rb.column(0)
-            tokens = col.values.to_numpy(zero_copy_only=False).reshape(len(rb), -1)
-            labels = rb.column(1).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-            yield tokens, labels
-
-
 @dataclass
 class TokenBatch:
     tokens: torch.Tensor  # int64 (B, h, w)
@@ -162,7 +139,7 @@ class TokenBatch:
 
 
 class TokenStream:
-    def __init__(self, parts: Sequence[TokenPart], grid: tuple[int, int], *, seed: int = 0, rank: int = 0,
+    def __init__(self, parts: Sequence[Part], grid: tuple[int, int], *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True, shuffle_buffer: int = 20_000, read_rows: int = 2048):
         if not parts:
             raise DataError("no token parts to read")
@@ -171,9 +148,12 @@ class TokenStream:
         self.shuffle, self.shuffle_buffer, self.read_rows = shuffle, max(1, shuffle_buffer), read_rows
         self.by_part = len(self.parts) >= world_size
 
-    def _epoch_parts(self, epoch: int) -> list[TokenPart]:
+    def _epoch_parts(self, epoch: int) -> list[Part]:
         order = list(range(len(self.parts)))
         if self.shuffle:
+            # seeded by (seed, epoch, 7): the same order on every rank, which then takes its share.
+            # The 7 is an arbitrary stream tag (it must only stay fixed: changing it changes every
+            # run's part order); rank 7's shuffle buffer below drawing the same numbers is harmless.
             np.random.default_rng([self.seed, epoch, 7]).shuffle(order)
         parts = [self.parts[i] for i in order]
         return parts[self.rank:: self.world_size] if self.by_part else parts
@@ -189,7 +169,7 @@ class TokenStream:
     def _epoch_chunks(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         offset = 0  # row index over the whole epoch (for row striding)
         for part in self._epoch_parts(epoch):
-            for tokens, labels in read_part(part, self.read_rows):
+            for tokens, labels in iter_part_rows(part, self.read_rows):
                 if not self.by_part:
                     keep = (np.arange(offset, offset + len(labels)) % self.world_size) == self.rank
                     offset += len(labels)
@@ -204,7 +184,7 @@ class TokenStream:
         if not self.shuffle:
             yield from chunks
             return
-        rng = np.random.default_rng([self.seed, epoch, self.rank])
+        rng = np.random.default_rng([self.seed, epoch, self.rank])  # per rank: each shuffles its own rows
         pool_t: list[np.ndarray] = []
         pool_l: list[np.ndarray] = []
         size = 0
@@ -282,7 +262,3 @@ class TokenStream:
                                  torch.from_numpy(lab[s]), consumed, epoch)
             pend_t, pend_l = [t[nb * batch_size:]], [lab[nb * batch_size:]]
             have = len(pend_l[0])
-
-
-def bits(nats: float) -> float:
-    return nats / math.log(2)

@@ -1,4 +1,9 @@
-"""Pictures: image grids (reconstructions, samples) and the codebook-usage histogram, as PNG."""
+"""Pictures, as PNG: image grids of reconstructions and samples (PIL), and charts of codebook usage
+and training curves (matplotlib).
+
+The charts draw on a bare matplotlib Figure with the Agg canvas, so they need no display, never
+select or change matplotlib's global backend (a user's notebook or script keeps its own), and
+are safe in worker processes. matplotlib is imported on first use, not with this module."""
 from __future__ import annotations
 
 import math
@@ -6,7 +11,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 
 
 def save_image_grid(rows: list[np.ndarray], path: str | os.PathLike, scale: int = 1, pad: int = 2) -> str:
@@ -49,27 +54,106 @@ def save_reconstruction_grid(originals: np.ndarray, recons: np.ndarray, path, pe
     return save_image_grid(rows, path, scale=2 if originals.shape[1] <= 64 else 1)
 
 
-def save_usage_histogram(counts: np.ndarray, path, title: str = "codebook usage") -> str:
-    """Bar chart of how often each code is used, codes sorted from most to least used."""
-    counts = np.sort(np.asarray(counts, dtype=np.float64))[::-1]
-    k = len(counts)
-    w, h, margin = 900, 360, 50
-    im = Image.new("RGB", (w, h), "white")
-    d = ImageDraw.Draw(im)
-    top = counts.max() if counts.size and counts.max() > 0 else 1.0
-    plot_w, plot_h = w - 2 * margin, h - 2 * margin
-    for i, v in enumerate(counts):
-        x0 = margin + i * plot_w / k
-        x1 = margin + (i + 1) * plot_w / k
-        y = h - margin - v / top * plot_h
-        d.rectangle([x0, y, max(x0, x1 - (1 if k < 200 else 0)), h - margin], fill=(60, 110, 200))
-    d.line([margin, h - margin, w - margin, h - margin], fill="black")
-    d.line([margin, margin, margin, h - margin], fill="black")
-    used = int((counts > 0).sum())
-    p = counts / max(counts.sum(), 1)
-    ppl = float(np.exp(-(p[p > 0] * np.log(p[p > 0])).sum())) if used else 0.0
-    d.text((margin, 12), f"{title}: {used}/{k} codes used ({100 * used / k:.1f}%), perplexity {ppl:.1f}", fill="black")
-    d.text((margin, h - margin + 8), "codes, most used first", fill="black")
-    d.text((4, margin - 14), f"max {int(top)}", fill="black")
-    im.save(path)
+def _figure(width: float = 9.0, height: float = 3.8):
+    """(figure, axes) on a private Agg canvas: no pyplot, no global backend, nothing to close."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot()
+
+
+def _save(fig, path) -> str:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", facecolor="white")
     return str(path)
+
+
+def _no_data(ax, message: str = "no data") -> None:
+    ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes, fontsize=14, color="0.4")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def save_usage_histogram(counts: np.ndarray, path, title: str = "codebook usage") -> str:
+    """How often each code is used, codes sorted from most to least used (log y), with the share
+    every code would get under uniform use; the title gives codes used / K and the perplexity."""
+    from matplotlib.ticker import MaxNLocator
+
+    counts = np.sort(np.nan_to_num(np.asarray(counts, dtype=np.float64).ravel()).clip(min=0))[::-1]
+    k = len(counts)
+    total = float(counts.sum())
+    used = int((counts > 0).sum())
+    p = counts[counts > 0] / total if used else counts[:0]
+    ppl = float(np.exp(-(p * np.log(p)).sum())) if used else 0.0
+    fig, ax = _figure()
+    if k == 0:
+        ax.set_title(f"{title}: empty codebook")
+        _no_data(ax)
+        return _save(fig, path)
+    ax.set_title(f"{title}: {used}/{k} codes used ({100 * used / k:.1f}%), perplexity {ppl:.1f}")
+    ax.set_xlabel("code rank (sorted by use)")
+    ax.set_ylabel("uses")
+    if not used:
+        _no_data(ax, "no code used")
+        return _save(fig, path)
+    top = counts[:used]
+    floor = float(top[-1]) / 2  # log scale: bars stand on half the smallest nonzero count
+    ax.set_yscale("log")
+    ax.stairs(top, np.arange(used + 1), baseline=floor, fill=True, color="tab:blue", label="uses per code")
+    if used < k:
+        ax.axvspan(used, k, color="0.88", lw=0, label=f"unused codes ({k - used})")
+    share = total / k
+    ax.axhline(share, color="tab:red", ls="--", lw=1.2, label=f"uniform share (total / K = {share:.4g})")
+    ax.set_xlim(0, k)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylim(bottom=min(floor, share / 2), top=max(float(top[0]), share) * 2)
+    ax.grid(True, which="major", axis="y", alpha=0.3)
+    ax.legend(loc="upper right", fontsize="small")
+    return _save(fig, path)
+
+
+def _number(v) -> float | None:
+    """v as a finite float, or None (missing, None, NaN, inf, not a number)."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def save_training_curves(history: list[dict], path, *, series: dict[str, str], title: str,
+                         xlabel: str = "step", ylabel: str = "", log_y: bool = False, x_key: str = "step") -> str:
+    """Line chart of training metrics over time. history: dicts such as {"step": 100, "loss": 0.1};
+    series: legend label -> key in those dicts, one line each. Points whose x or value is missing,
+    None or not finite are skipped (and, with log_y, those <= 0); a series with few points gets
+    markers. An empty history gives a chart that says "no data"."""
+    from matplotlib.ticker import MaxNLocator
+
+    lines = {}
+    for label, key in series.items():
+        pts = [(x, y) for x, y in ((_number(h.get(x_key)), _number(h.get(key))) for h in history or ())
+               if x is not None and y is not None and (y > 0 or not log_y)]
+        if pts:
+            lines[label] = pts
+    fig, ax = _figure(8.0, 4.5)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    if not lines:
+        _no_data(ax)
+        return _save(fig, path)
+    for label, pts in lines.items():
+        xs, ys = zip(*sorted(pts, key=lambda t: t[0]))
+        ax.plot(xs, ys, label=label, lw=1.5, marker="o" if len(xs) <= 30 else None, ms=4)
+    if all(x == int(x) for pts in lines.values() for x, _ in pts):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps: no tick at step 2.5
+    if log_y:
+        ax.set_yscale("log")
+    ax.grid(True, which="major", alpha=0.3)
+    if log_y:
+        ax.grid(True, which="minor", alpha=0.1)
+    ax.legend(fontsize="small")
+    return _save(fig, path)

@@ -8,7 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from vqtok.models.quantizer import VectorQuantizer
+from vqtok.models.distributed import Collectives
+from vqtok.models.vqvae import VectorQuantizer
 
 
 def _free_port() -> int:
@@ -21,7 +22,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.manual_seed(100 + rank)  # different data and different local randomness on each rank
-    vq = VectorQuantizer(codebook_size=32, dim=8, codebook_dim=4, l2_normalize=True, restart_window=5)
+    vq = VectorQuantizer(codebook_size=32, dim=8, codebook_dim=4, l2_normalize=True, restart_window=5,
+                         comm=Collectives.current())  # the trainer passes its collectives in
     torch.manual_seed(0)
     vq.proj_in.reset_parameters()  # identical weights, as DDP would make them
     torch.manual_seed(100 + rank)

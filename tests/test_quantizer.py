@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from vqtok.models import VQVAE, VQVAEConfig
-from vqtok.models.quantizer import VectorQuantizer, kmeans, perplexity
+from vqtok.models.vqvae import VectorQuantizer, kmeans, perplexity
 
 
 def _z(b=4, c=8, h=3, w=3):

@@ -7,9 +7,9 @@ import pytest
 
 from conftest import SAMPLE_DIR, SAMPLE_IMAGES, png_bomb_header, png_bytes, write_tar
 from vqtok import DataError, Preprocess, convert
-from vqtok.pipeline.decode import DecodeError, decode_image, decode_sample
+from vqtok.pipeline.sources import DecodeError, decode_image, decode_sample
 from vqtok.pipeline.sources import FailureLog, iter_unit, list_units, split_patterns
-from vqtok.pipeline.stream import ImageStream
+from vqtok.pipeline.image_stream import ImageStream
 
 PRE = Preprocess(image_size=28, channels=1)
 

@@ -19,7 +19,7 @@ import pytest
 from conftest import (PER_SHARD, make_bundle, part_hashes, pids_with, png_bomb_header, png_bytes, run_cli, wait_for,
                       write_shards, write_tar)
 from vqtok import ConfigError, DataError, TokenDataset, Tokenizer, tokenize
-from vqtok.pipeline import plan
+from vqtok.pipeline import token_dataset as plan
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_crash_between_part_write_and_commit_redoes_the_unit(tmp_path, bundle, s
     tokenize(bundle, str(shards), clean, verbose=False)
 
     out = tmp_path / "crashed"
-    real_commit, calls = plan.TokenOutput.commit, []
+    real_commit, calls = plan.TokenWriter.commit, []
 
     def crash_on_third(self, unit, index, table, failures):
         calls.append(index)
@@ -147,10 +147,10 @@ def test_crash_between_part_write_and_commit_redoes_the_unit(tmp_path, bundle, s
             raise KeyboardInterrupt("simulated crash")
         return real_commit(self, unit, index, table, failures)
 
-    monkeypatch.setattr(plan.TokenOutput, "commit", crash_on_third)
+    monkeypatch.setattr(plan.TokenWriter, "commit", crash_on_third)
     with pytest.raises(KeyboardInterrupt):
         tokenize(bundle, str(shards), out, verbose=False)
-    monkeypatch.setattr(plan.TokenOutput, "commit", real_commit)
+    monkeypatch.setattr(plan.TokenWriter, "commit", real_commit)
 
     orphan = f"part-{calls[2]:06d}.parquet"
     assert (out / orphan).exists()
@@ -315,8 +315,8 @@ def test_encoder_actor_killed_mid_job_the_job_finishes_exactly(tmp_path, bundle,
     out = tmp_path / "tokens"
     p = start_tokenize(bundle, many_shards, out, "--batch-size", "64")
     try:
-        wait_for(lambda: committed(out) >= 1 and pids_with("ChunkEncoder"))
-        victims = pids_with("ChunkEncoder")
+        wait_for(lambda: committed(out) >= 1 and pids_with("BatchEncoder"))
+        victims = pids_with("BatchEncoder")
         for pid in victims:
             os.kill(pid, signal.SIGKILL)
         at_kill = committed(out)

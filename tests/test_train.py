@@ -13,7 +13,7 @@ import torch
 
 from conftest import SAMPLE_DIR, TINY_MODEL, png_bytes, run_cli, write_tar
 from vqtok import ConfigError, TrainConfig, Tokenizer, train_vqvae
-from vqtok.pipeline.checkpoint import list_checkpoints, load_checkpoint
+from vqtok.jobs.checkpoint import list_checkpoints, load_checkpoint
 
 FAST = [*TINY_MODEL, "--batch-size", "32", "--log-every", "10", "--warmup-steps", "5"]
 

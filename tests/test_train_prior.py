@@ -15,10 +15,10 @@ from PIL import Image
 
 from conftest import make_bundle, run_cli, wait_for
 from vqtok import DataError, Prior, TokenDataset, Tokenizer, train_prior
-from vqtok.pipeline.plan import TokenOutput
+from vqtok.pipeline.token_dataset import TokenWriter
 from vqtok.pipeline.sources import Unit
 from vqtok.pipeline.token_stream import TokenCorpus, TokenStream
-from vqtok.pipeline.tokens import dataset_metadata, part_table
+from vqtok.pipeline.token_dataset import dataset_metadata, part_table
 
 ROWS_PER_PART = 150
 TINY_PRIOR = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32"]
@@ -45,7 +45,7 @@ def write_token_dataset(out: Path, tokenizer: Path, n_parts: int, record_locatio
     meta = dataset_metadata(codebook_size=tok.config.codebook_size, tokenizer_id=tok.id, grid=tok.grid,
                             preprocess=tok.preprocess.to_dict(), vqtok_version="test")
     units = [Unit(url=f"mem://unit-{i:03d}", kind="tar") for i in range(n_parts)]
-    output = TokenOutput.open(str(out), meta, units, tokenizer_location=str(tokenizer) if record_location else None)
+    output = TokenWriter.open(str(out), meta, units, tokenizer_location=str(tokenizer) if record_location else None)
     for unit, index in output.pending(units):
         sl = slice(index * ROWS_PER_PART, (index + 1) * ROWS_PER_PART)
         grids = grids_all[sl]

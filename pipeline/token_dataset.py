@@ -1,4 +1,4 @@
-"""The token dataset format: Parquet parts, their schema, and a reader.
+"""The token dataset: its format, its writer (the commit protocol) and its reader, in one place.
 
 A token dataset is a directory (or object-store prefix) holding
 
@@ -10,25 +10,47 @@ Schema metadata key b"vqtok" holds JSON: schema_version, codebook_size, tokenize
 preprocess, vqtok_version. Everything here is plain pyarrow: a user without vqtok reads the parts
 listed in _manifest.json (or `pyarrow.dataset.dataset(OUT)`, which skips the _-prefixed entries).
 
+Reading:
+
     ds = TokenDataset("out/tokens")
     ds.num_rows, ds.grid, ds.codebook_size
     tokens, labels = ds.to_numpy()                 # (N, h, w) uint16/int32, (N,) int32 (-1 = none)
     for batch in ds.iter_batches(4096): ...        # streaming pyarrow RecordBatches
+
+Writing (`vqtok tokenize` does this):
+
+    out = TokenWriter.open("out/tokens", meta, units)    # refuses an OUT from another tokenizer
+    for unit, index in out.pending(units): ...           # units not yet committed, with their part index
+    out.commit(unit, index, table, failures)             # write the part, then record it
+
+
+Protocol per unit: the part's bytes go to `_staging/` and are renamed to `part-NNNNNN.parquet`
+(local disk), or are written with one PUT (object stores, where an object appears whole or not
+at all); its error records go to `_errors/part-NNNNNN.jsonl` the same way; only then is the unit
+recorded in `_manifest.json` (itself replaced atomically). A crash before the manifest write
+leaves an orphan part that no reader takes (readers go by the manifest) and that the next run
+rewrites. Part numbers are fixed in the manifest when a unit is first planned, so a resumed run
+names its parts exactly as a clean run would.
 """
 from __future__ import annotations
 
 import hashlib
 import io
 import json
-from collections.abc import Iterator
+import os
+import time
+import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
 
-from .errors import DataError
+from .errors import ConfigError, DataError
+from .sources import Failure, Unit
 
 SCHEMA_VERSION = 1
 METADATA_KEY = b"vqtok"
@@ -120,18 +142,170 @@ def read_manifest(fs, root: str) -> dict | None:
         raise DataError(f"{path} is not valid JSON ({e}); it is written atomically, so something else wrote it") from None
 
 
+# ---------------------------------------------------------------------------------------------
+# Writing: the commit protocol
+# ---------------------------------------------------------------------------------------------
+CONFIG = "_tokenize_config.json"
+
+
+def fingerprint(meta: dict) -> str:
+    """What must match for two runs to write into the same OUT: the tokenizer, the preprocessing
+    and the schema version."""
+    key = {k: meta[k] for k in ("tokenizer_id", "preprocess", "schema_version", "codebook_size", "grid")}
+    return sha256(json.dumps(key, sort_keys=True).encode())
+
+
+class TokenWriter:
+    def __init__(self, url: str, fs, root: str, manifest: dict):
+        self.url, self.fs, self.root, self.manifest = url, fs, root, manifest
+        self.local = isinstance(fs, LocalFileSystem)
+
+    # --- planning -----------------------------------------------------------------------------
+    @classmethod
+    def open(cls, url: str, meta: dict, units: Sequence[Unit], *, storage_options: dict | None = None,
+             tokenizer_location: str | None = None) -> "TokenWriter":
+        """tokenizer_location: where the tokenizer bundle was read from, recorded in the manifest
+        (the newest run's) so `vqtok train-prior` can tell the prior where its decoder lives."""
+        url = str(url).rstrip("/")
+        fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        try:
+            manifest = read_manifest(fs, root)
+        except PermissionError as e:
+            raise ConfigError(f"--out {url}: cannot read ({e}); choose a location you can write") from None
+        fp = fingerprint(meta)
+        if manifest is None:
+            _refuse_foreign_contents(fs, root, url)
+            manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "fingerprint": fp, "metadata": meta,
+                        "units": {}, "committed": {}, "created": time.time()}
+        elif manifest.get("fingerprint") != fp:
+            old = manifest.get("metadata", {})
+            raise ConfigError(
+                f"--out {url} already holds tokens from another tokenizer or preprocessing (tokenizer "
+                f"{str(old.get('tokenizer_id'))[:12]}, grid {old.get('grid')}; this run: tokenizer "
+                f"{meta['tokenizer_id'][:12]}, grid {meta['grid']}). Mixing them would make one dataset with two "
+                f"vocabularies: write to a new --out, or delete {url} to start over"
+            )
+        if tokenizer_location:
+            manifest["tokenizer"] = tokenizer_location
+        out = cls(url, fs, root, manifest)
+        planned = manifest["units"]
+        next_part = max(planned.values(), default=-1) + 1
+        for unit in units:  # sorted on the driver; new units take the next free part numbers
+            if unit.url not in planned:
+                planned[unit.url] = next_part
+                next_part += 1
+        try:
+            out._write_manifest()
+        except (PermissionError, OSError) as e:
+            raise ConfigError(f"--out {url}: cannot write there ({type(e).__name__}: {e}); choose a writable "
+                              f"directory or bucket prefix") from None
+        return out
+
+    def pending(self, units: Sequence[Unit]) -> list[tuple[Unit, int]]:
+        committed = self.manifest["committed"]
+        return [(u, self.manifest["units"][u.url]) for u in units if u.url not in committed]
+
+    @property
+    def committed(self) -> dict:
+        return self.manifest["committed"]
+
+    # --- committing ---------------------------------------------------------------------------
+    def commit(self, unit: Unit, index: int, table: pa.Table, failures: Sequence[Failure]) -> dict:
+        """Write one unit's part and error records, then record the commit. Returns its record."""
+        name = part_name(index)
+        data = parquet_bytes(table)
+        self._put(name, data)
+        errors_name = f"{ERRORS_DIR}/{name.removesuffix('.parquet')}.jsonl"
+        if failures:
+            lines = "".join(json.dumps({"key": f.key, "unit": f.unit, "reason": f.reason}) + "\n" for f in failures)
+            self._put(errors_name, lines.encode())
+        elif self.fs.exists(f"{self.root}/{errors_name}"):  # left by an earlier attempt that failed differently
+            self.fs.rm_file(f"{self.root}/{errors_name}")
+        record = {"part": name, "rows": table.num_rows, "bytes": len(data), "sha256": sha256(data),
+                  "failures": len(failures), "committed": time.time()}
+        self.manifest["committed"][unit.url] = record
+        self._write_manifest()
+        return record
+
+    def write_config(self, config: dict) -> None:
+        """The run's resolved options, saved beside the dataset as _tokenize_config.json (the
+        newest run's; `_`-prefixed, so dataset readers skip it)."""
+        self._put(CONFIG, (json.dumps(config, indent=1, sort_keys=True, default=str) + "\n").encode())
+
+    def _write_manifest(self) -> None:
+        self.manifest["updated"] = time.time()
+        self.manifest["rows"] = sum(c["rows"] for c in self.manifest["committed"].values())
+        self.manifest["failures"] = sum(c["failures"] for c in self.manifest["committed"].values())
+        self._put(MANIFEST, (json.dumps(self.manifest, indent=1, sort_keys=True) + "\n").encode())
+
+    def _put(self, name: str, data: bytes) -> None:
+        """Make `root/name` hold `data`, all at once: staging + rename locally, one PUT elsewhere."""
+        final = f"{self.root}/{name}"
+        if self.local:
+            staging = f"{self.root}/{STAGING_DIR}"
+            os.makedirs(staging, exist_ok=True)
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            tmp = f"{staging}/{os.path.basename(name)}.{uuid.uuid4().hex[:8]}"
+            with open(tmp, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        else:
+            self.fs.pipe_file(final, data)
+
+
+def _refuse_foreign_contents(fs, root: str, url: str) -> None:
+    """A new dataset goes into a missing or empty location, or one holding only our own entries."""
+    try:
+        entries = fs.ls(root, detail=False) if fs.isdir(root) else []
+    except FileNotFoundError:
+        return
+    names = [e.rstrip("/").rsplit("/", 1)[-1] for e in entries]
+    foreign = [n for n in names if not (n.startswith("_") or n.startswith("part-"))]
+    if foreign:
+        raise ConfigError(
+            f"--out {url} exists and holds other files ({', '.join(sorted(foreign)[:5])}): give an empty or new "
+            f"directory for the token dataset"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Part:
-    name: str
-    unit: str
+    """A committed part, as the manifest records it."""
+
+    name: str  # part-NNNNNN.parquet
+    unit: str  # the input unit it holds the tokens of
     rows: int
     bytes: int
     sha256: str
+    url: str  # where to read it (an fsspec URL)
+
+
+def flat_tokens(col: pa.ListArray | pa.ChunkedArray) -> np.ndarray:
+    """A list<uint16|int32> column's values, (rows * h * w,), honouring a sliced array's offset
+    (`ListArray.values` would not: it is the whole child array, whatever the slice)."""
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    return col.flatten().to_numpy(zero_copy_only=False)
+
+
+def iter_part_rows(part: Part, batch_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """A part's rows in record batches: (tokens (m, h*w) as stored (uint16/int32), labels (m,)
+    int64 with -1 where there is none)."""
+    with fsspec.open(part.url, "rb") as f:
+        for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=["tokens", "label"]):
+            tokens = flat_tokens(rb.column(0)).reshape(len(rb), -1)
+            labels = rb.column(1).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+            yield tokens, labels
 
 
 class _DescribedByMetadata:
     """What the schema metadata (`self.metadata`) says about tokens: shared by TokenDataset and
-    TokenCorpus (pipeline.token_stream)."""
+    TokenCorpus (pipeline/token_stream.py)."""
 
     metadata: dict
 
@@ -169,8 +343,11 @@ class TokenDataset(_DescribedByMetadata):
         self.manifest = manifest
         self.metadata: dict = manifest["metadata"]
         committed = manifest.get("committed", {})
+        protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
+        prefix = "" if protocol in ("file", "local") else f"{protocol}://"
         self.parts = sorted(
-            (Part(c["part"], unit, c["rows"], c["bytes"], c["sha256"]) for unit, c in committed.items()),
+            (Part(c["part"], unit, c["rows"], c["bytes"], c["sha256"], f"{prefix}{self.root}/{c['part']}")
+             for unit, c in committed.items()),
             key=lambda p: p.name,
         )
 
@@ -224,11 +401,8 @@ class TokenDataset(_DescribedByMetadata):
 
     def grids(self, batch: pa.RecordBatch | pa.Table) -> np.ndarray:
         """The tokens column of a batch as an (n, h, w) numpy array."""
-        col = batch.column("tokens")
-        if isinstance(col, pa.ChunkedArray):
-            col = col.combine_chunks()
         h, w = self.grid
-        return col.values.to_numpy(zero_copy_only=False).reshape(len(batch), h, w)
+        return flat_tokens(batch.column("tokens")).reshape(len(batch), h, w)
 
     def to_numpy(self) -> tuple[np.ndarray, np.ndarray]:
         """All token grids (N, h, w) and labels (N,) int32 with -1 where there is none."""

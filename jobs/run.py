@@ -1,4 +1,4 @@
-"""The whole path in one object: images -> tokenizer -> token dataset -> prior -> samples.
+"""`vqtok run CONFIG`: the whole path in one object: images -> tokenizer -> token dataset -> prior -> samples.
 
     cfg = PipelineConfig.load("examples/pipeline-fashion-mnist.yaml")   # or PipelineConfig(out=..., data=[...])
     result = Pipeline(cfg).run()              # every stage; a stage whose output exists is skipped
@@ -18,16 +18,16 @@ its outputs.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..config import check_keys, load_config_file, save_json
-from ..pipeline.errors import ConfigError
-from ..pipeline.progress import fmt_duration
+from ..models.config import Config, ConfigError, option
 from ..pipeline.sources import split_patterns
+from .options import Command, job_main, load_config_file, save_json
+from .progress import fmt_duration
 from .sample import SampleConfig, sample
 from .tokenize import TokenizeConfig, run as run_tokenize
 from .train_prior import PriorTrainConfig, train_prior
@@ -43,16 +43,17 @@ _FIXED = {  # options each stage takes from the pipeline itself, not from its se
 
 
 @dataclass(kw_only=True)
-class PipelineConfig:
-    out: str  # the pipeline's directory
-    data: list[str]  # images: the tokenizer trains on them and they are tokenized
-    val_data: list[str] = field(default_factory=list)  # held-out images: tokenizer metrics, prior bits/token
-    convert_shard_size: int = 0  # > 0: first write data as WebDataset shards of this many images
-    address: str | None = None  # a Ray cluster for every Ray stage (default: embedded local Ray)
-    train: dict = field(default_factory=dict)  # TrainConfig options (model: VQVAEConfig options)
-    tokenize: dict = field(default_factory=dict)  # TokenizeConfig options
-    prior: dict = field(default_factory=dict)  # PriorTrainConfig options
-    sample: dict = field(default_factory=dict)  # SampleConfig options
+class PipelineConfig(Config):
+    WHAT = "pipeline"
+    out: str = option("", "the pipeline's directory: every stage writes under it")
+    data: list[str] = option(help="images: the tokenizer trains on them and they are tokenized", factory=list)
+    val_data: list[str] = option(help="held-out images: tokenizer metrics, the prior's bits per token", factory=list)
+    convert_shard_size: int = option(0, "> 0: first write the data as WebDataset shards of this many images")
+    address: str | None = option(None, "a Ray cluster for every Ray stage (default: an embedded local Ray)")
+    train: dict = option(help="train-vqvae options (model: the model's options)", factory=dict)
+    tokenize: dict = option(help="tokenize options", factory=dict)
+    prior: dict = option(help="train-prior options", factory=dict)
+    sample: dict = option(help="sample options", factory=dict)
 
     def __post_init__(self):
         self.data = split_patterns(self.data) if self.data else []
@@ -102,15 +103,12 @@ class PipelineConfig:
                 opts = dict(self.train)
                 opts.setdefault("address", self.address)
                 return TrainConfig.from_dict({**opts, "data": self._inputs(), "out": str(self.path("train")),
-                                              "val_data": self.val_data})
+                                              "val_data": self.val_data}, where="train config")
             if stage == "tokenize":
                 opts = dict(self.tokenize)
                 opts.setdefault("address", self.address)
-                check_keys(opts, TokenizeConfig, "pipeline.tokenize")
-                cfg = TokenizeConfig(**opts, tokenizer=str(self.tokenizer_dir), data=self._inputs(),
-                                     out=str(self.path("tokenize")))
-                cfg.validate()
-                return cfg
+                return TokenizeConfig.from_dict({**opts, "tokenizer": str(self.tokenizer_dir), "data": self._inputs(),
+                                                 "out": str(self.path("tokenize"))})
             if stage == "train-prior":
                 opts = dict(self.prior)
                 opts.setdefault("address", self.address)
@@ -118,10 +116,8 @@ class PipelineConfig:
                                                    "out": str(self.path("train-prior")),
                                                    "val_tokens": [str(self.root / "val-tokens")] if self.val_data else []})
             if stage == "sample":
-                check_keys(self.sample, SampleConfig, "pipeline.sample")
-                cfg = SampleConfig(**self.sample, prior=str(self.path("train-prior")), out=str(self.path("sample")))
-                cfg.validate()
-                return cfg
+                return SampleConfig.from_dict({**self.sample, "prior": str(self.path("train-prior")),
+                                               "out": str(self.path("sample"))})
         except ConfigError as e:
             raise ConfigError(f"pipeline.{'prior' if stage == 'train-prior' else stage}: {e}") from None
         except (TypeError, ValueError) as e:
@@ -129,14 +125,6 @@ class PipelineConfig:
         raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
 
     # --- files ----------------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "PipelineConfig":
-        check_keys(d, cls, "pipeline")
-        return cls(**d)
-
     @classmethod
     def load(cls, path: str) -> "PipelineConfig":
         """From a YAML (.yaml/.yml) or JSON file."""
@@ -170,7 +158,7 @@ class Pipeline:
             return _finished(c.path("train") / "metrics.json", c.stage_config("train").steps)
         if stage == "tokenize":
             from ..pipeline.sources import list_units
-            from ..pipeline.tokens import MANIFEST
+            from ..pipeline.token_dataset import MANIFEST
 
             manifest = c.path("tokenize") / MANIFEST
             if not manifest.is_file():
@@ -255,3 +243,29 @@ def summary(r: PipelineResult) -> str:
              f"  samples          {r.samples}",
              f"  config           {Path(r.out) / 'pipeline.json'}"]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class RunOptions(Config):
+    WHAT = "run"
+    path: str = option(help="a pipeline config file, YAML or JSON (see examples/)", positional=True, metavar="CONFIG")
+    stages: str = option("", "comma-separated stages to run (default: all; finished ones are skipped)")
+    force: bool = option(False, "re-run stages whose output exists")
+
+
+def run_pipeline(opts: RunOptions) -> PipelineResult:
+    stages = [s.strip() for s in opts.stages.split(",")] if opts.stages else None
+    return Pipeline(PipelineConfig.load(opts.path)).run(stages, force=opts.force)
+
+
+COMMAND = Command("run", "run a pipeline config (YAML/JSON): train, tokenize, train-prior, sample", RunOptions,
+                  run_pipeline, config_file=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    return job_main(COMMAND, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

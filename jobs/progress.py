@@ -35,10 +35,10 @@ class Progress:
         if step % self.every == 0 or step == self.total:
             self.report(step)
 
-    def report(self, step: int, **extra: float) -> dict[str, float]:
+    def report(self, step: int) -> dict[str, float]:
         now = time.time()
         rate = self.items / max(now - self.t_last, 1e-9)
-        self.last = {k: v / max(self.n, 1) for k, v in self.sums.items()} | extra
+        self.last = {k: v / max(self.n, 1) for k, v in self.sums.items()}
         done = step - self.step_start
         eta = (now - self.t_start) / max(done, 1) * (self.total - step)
         parts = [f"step {step}/{self.total}"] + [f"{k} {_fmt(v)}" for k, v in self.last.items()]

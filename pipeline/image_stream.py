@@ -10,19 +10,16 @@ ranks' batch j together equal a single process's batch j, with per-rank batch si
 """
 from __future__ import annotations
 
-import queue
 import random
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..models.preprocess import Preprocess
-from .decode import DEFAULT_MAX_PIXELS, DecodeError, decode_sample
+from ..models.tokenizer import Preprocess
 from .errors import DataError
-from .sources import Failure, FailureLog, RawSample, Unit, iter_unit
+from .sources import DEFAULT_MAX_PIXELS, DecodeError, Failure, FailureLog, RawSample, Unit, decode_sample, iter_unit
 
 
 @dataclass
@@ -62,6 +59,9 @@ class ImageStream:
             units = units[self.rank :: self.world_size]
         if self.shuffle:
             units = list(units)
+            # one seed per (seed, epoch): a large prime multiplier keeps (seed, epoch) pairs from
+            # colliding (seed 0 epoch 5 vs seed 5 epoch 0) as a plain seed + epoch would. Nothing
+            # depends on the constant itself, but changing it changes every run's data order.
             random.Random(self.seed * 1_000_003 + epoch).shuffle(units)
         samples = (s for u in units for s in iter_unit(u, self.failures.add))
         if self.shuffle:
@@ -75,6 +75,8 @@ class ImageStream:
 
     def _shuffled(self, samples: Iterator[RawSample], epoch: int) -> Iterator[RawSample]:
         """A seeded shuffle buffer (the same on every rank)."""
+        # a different prime than the unit order's, so the buffer's draws are not the unit
+        # shuffle's stream again; the same on every rank (the row striding relies on it)
         rng = random.Random(self.seed * 7_919 + epoch + 1)
         buf: list[RawSample] = []
         for s in samples:
@@ -86,11 +88,6 @@ class ImageStream:
             yield s
         rng.shuffle(buf)
         yield from buf
-
-    def raw(self, epochs: int | None = None) -> Iterator[RawSample]:
-        """Shuffled raw samples, epoch after epoch (forever when epochs is None)."""
-        for _, s in self._raw_with_epoch(epochs):
-            yield s
 
     def _raw_with_epoch(self, epochs: int | None) -> Iterator[tuple[int, RawSample]]:
         epoch = 0
@@ -133,38 +130,3 @@ class ImageStream:
                 pixels, labels, keys = [], [], []
         if pixels and not drop_last:
             yield Batch(torch.from_numpy(np.stack(pixels)), labels, keys, consumed)
-
-
-def prefetch(it: Iterator, depth: int = 4) -> Iterator:
-    """Run an iterator in a background thread, `depth` items ahead (decoding overlaps compute)."""
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def work():
-        try:
-            for item in it:
-                while not stop.is_set():
-                    try:
-                        q.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            q.put(done)
-        except BaseException as e:  # surface errors in the consumer
-            q.put(e)
-
-    t = threading.Thread(target=work, daemon=True, name="vqtok-prefetch")
-    t.start()
-    try:
-        while True:
-            item = q.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
