@@ -42,7 +42,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type[Config], *, config_fi
                 _prefix: str = "") -> None:
     """One command-line option per field of `cls` (nested configs' fields flattened)."""
     hints = cls.field_types()
-    for f in dataclasses.fields(cls):
+    # in --help: the job's own options first (its inputs), then those it shares with other jobs
+    inherited = {f.name for base in cls.__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name in inherited):
         md = f.metadata
         if not md.get("cli", True) or not md.get("help"):
             sub = nested_config(hints[f.name])
@@ -58,10 +60,11 @@ def add_options(parser: argparse.ArgumentParser, cls: type[Config], *, config_fi
             parser.add_argument(dest, nargs="+" if is_list else None, help=text, metavar=md.get("metavar") or f.name.upper())
             continue
         names = [md.get("flag") or "--" + f.name.replace("_", "-"), *md.get("aliases", ())]
-        kwargs: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=text)
+        kwargs: dict[str, Any] = dict(dest=dest, default=argparse.SUPPRESS, help=text, metavar=f.name.upper())
         if md.get("metavar"):
             kwargs["metavar"] = md["metavar"]
         if base is bool:
+            kwargs.pop("metavar")
             parser.add_argument(*names, action=argparse.BooleanOptionalAction,
                                 **kwargs | {"help": text + (" (default: on)" if default else " (default: off)")})
         elif is_list:

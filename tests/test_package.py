@@ -16,7 +16,7 @@ def test_wheel_maps_the_repo_root_to_the_vqtok_package(tmp_path):
     assert r.returncode == 0, r.stderr
     (wheel,) = tmp_path.glob("vqtok-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for expected in ("vqtok/__init__.py", "vqtok/cli.py", "vqtok/models/quantizer.py", "vqtok/kernels/__init__.py",
+    for expected in ("vqtok/__init__.py", "vqtok/cli.py", "vqtok/models/vqvae.py", "vqtok/kernels/__init__.py", "vqtok/jobs/trainer.py",
                      "vqtok/pipeline/sources.py", "vqtok/jobs/train_vqvae.py",
                      "vqtok/examples/fashion-mnist/t10k-images-idx3-ubyte.gz",
                      "vqtok/examples/fashion-mnist/LICENSE"):
