@@ -15,10 +15,9 @@ from PIL import Image
 
 from conftest import make_bundle, run_cli, wait_for
 from vqtok import DataError, Prior, TokenDataset, Tokenizer, train_prior
-from vqtok.pipeline.token_dataset import TokenWriter
 from vqtok.pipeline.sources import Unit
+from vqtok.pipeline.token_dataset import TokenWriter, dataset_metadata, part_table
 from vqtok.pipeline.token_stream import TokenCorpus, TokenStream
-from vqtok.pipeline.token_dataset import dataset_metadata, part_table
 
 ROWS_PER_PART = 150
 TINY_PRIOR = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32"]
@@ -110,6 +109,16 @@ def test_stream_is_shuffled_and_resumes_exactly_where_it_stopped(tokens):
     e0 = np.concatenate([run[i].tokens.numpy() for i in range(18)]).reshape(18 * 32, -1)
     e1 = np.concatenate([run[i].tokens.numpy() for i in range(19, 37)]).reshape(18 * 32, -1)
     assert not np.array_equal(e0[:100], e1[:100])  # epochs are shuffled differently
+
+
+def test_a_sliced_record_batch_reads_its_own_rows(tokens):
+    """Arrow slices share their parent's buffers: reading a slice's grids must honour its offset."""
+    ds = TokenDataset(str(tokens))
+    table = ds.read_part(1)
+    whole = ds.grids(table)
+    for start, n in ((0, 5), (7, 11), (len(table) - 3, 3)):
+        for piece in (table.slice(start, n), table.to_batches()[0].slice(start, n)):
+            assert np.array_equal(ds.grids(piece), whole[start:start + n])
 
 
 def test_corpus_statistics(tokens):
