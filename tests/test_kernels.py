@@ -56,6 +56,21 @@ def test_duplicate_codes_and_exact_matches(backend, precision):
 
 
 @pytest.mark.parametrize("backend,precision", BACKENDS)
+def test_ties_across_codebook_tiles_go_to_the_lowest_index(backend, precision):
+    """Duplicates in different codebook tiles (the interpreter's tile is 32 codes; GPU tiles are 64
+    to 256): the running (min, argmin) merge must keep the earlier tile's code on an exact tie,
+    also when the later copy sits at a smaller offset inside its own tile."""
+    g = torch.Generator().manual_seed(5)
+    e = torch.randn(300, 24, generator=g)
+    for later in (32, 40, 95, 160, 290):  # tiles 1, 1, 2, 5, 9 of 32 (and 0/1/2/4 of 64/128/256)
+        e[later] = e[20]
+    e[257] = e[3]  # a tie across a 256-code tile too
+    x = torch.cat([e[[20, 32, 40, 95, 160, 290, 3, 257]], e[[20, 3]] + 1e-3 * torch.randn(2, 24, generator=g)])
+    idx = nearest_code(x, e, backend=backend, precision=precision)
+    assert idx.tolist() == [20, 20, 20, 20, 20, 20, 3, 3, 20, 3]
+
+
+@pytest.mark.parametrize("backend,precision", BACKENDS)
 def test_large_common_offset(backend, precision):
     x = 1000.0 + torch.randn(64, 16)
     e = 1000.0 + torch.randn(20, 16)

@@ -42,6 +42,30 @@ def test_straight_through_passes_the_gradient_unchanged():
     assert torch.allclose(out.quantized.permute(0, 2, 3, 1).reshape(-1, 8), vq.codebook[idx])
 
 
+@pytest.mark.parametrize("l2", [False, True])
+def test_straight_through_behind_a_projection(l2):
+    """With low-dimensional codes behind proj_in/proj_out (and l2 normalisation), the gradient
+    that reaches z is exactly that of the continuous path proj_out(norm(proj_in(z))): the
+    quantization step itself is the identity for gradients, whatever the projections are."""
+    torch.manual_seed(0)
+    vq = VectorQuantizer(codebook_size=16, dim=8, codebook_dim=4, l2_normalize=l2, ema=False, kmeans_init=False,
+                         restart_window=0)
+    z = _z().requires_grad_(True)
+    w = torch.randn(4, 8, 3, 3)  # a non-uniform upstream gradient
+    (g,) = torch.autograd.grad((vq(z).quantized * w).sum(), z)
+
+    def continuous(z):
+        flat = z.permute(0, 2, 3, 1).reshape(-1, 8)
+        z_e = vq.proj_in(flat)
+        if l2:
+            z_e = torch.nn.functional.normalize(z_e, dim=-1)
+        return vq.proj_out(z_e).reshape(4, 3, 3, 8).permute(0, 3, 1, 2)
+
+    (want,) = torch.autograd.grad((continuous(z) * w).sum(), z)
+    torch.testing.assert_close(g, want)
+    assert not torch.allclose(g, w)  # the projections really are in the path
+
+
 def test_ema_update_matches_a_hand_computation():
     k, d, decay, eps = 4, 2, 0.9, 1e-5
     vq = VectorQuantizer(codebook_size=k, dim=d, decay=decay, eps=eps, kmeans_init=False, restart_window=0)
