@@ -12,7 +12,7 @@ import pytest
 from conftest import REPO
 from vqtok.cli import COMMANDS, build_parser
 from vqtok.jobs.options import config_from_args
-from vqtok.models.config import Config, ConfigError, nested_config
+from vqtok.models.config import ConfigError, nested_config
 
 # Every flag each command took before the options were generated from the dataclasses.
 LEGACY_FLAGS = {
