@@ -189,7 +189,10 @@ def main() -> int:
              f"batch {args.batch_size} ({args.steps * args.batch_size / ds.num_rows:.1f} epochs), lr {args.lr}, one "
              f"process with 2 threads. Data prep (convert + tokenize) {prep_s:.0f}s, classifier {clf_s:.0f}s.\n"
              f"Per-class fidelity at cfg {args.cfg_scale:g}: {per_class}.\n"
-             f"Grid (one row per class, cfg {args.cfg_scale:g}): {grid_png}\n")
+             f"Grid (one row per class, cfg {args.cfg_scale:g}): {grid_png}\n"
+             f"Classifier: 2 conv blocks + linear head, {args.classifier_epochs} epochs (OneCycle) on the real "
+             f"train split; guidance scale {args.cfg_scale:g} is the --cfg-scale given before the run, not picked "
+             f"from these results.\n")
     body += "Bars: " + "; ".join(f"{b} {'PASS' if ok else 'FAIL'}" for b, ok in bars)
     print(body)
     if not args.no_append:

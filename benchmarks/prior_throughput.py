@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import append_results, table  # noqa: E402
 
 from vqtok import Prior, PriorConfig, TokenDataset  # noqa: E402
-from vqtok.pipeline.stream import prefetch  # noqa: E402
+from vqtok.jobs.trainer import prefetch  # noqa: E402
 from vqtok.pipeline.token_stream import TokenCorpus, TokenStream  # noqa: E402
 
 

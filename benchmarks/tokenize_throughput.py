@@ -83,14 +83,14 @@ def decode_per_core(shard: str, image_size: int = 28, channels: int = 1) -> floa
     """Images/s one core reads and decodes from a shard (the Ray read task's work), no Ray."""
     import pyarrow as pa
 
-    from vqtok.models.preprocess import Preprocess
+    from vqtok.models.tokenizer import Preprocess
     from vqtok.pipeline.sources import list_units
     from vqtok.pipeline.stages import read_units, unit_to_json
 
-    batch = pa.table({"unit": [unit_to_json(list_units(shard)[0])], "part": [0]})
+    batch = pa.table({"unit": [unit_to_json(list_units(shard)[0])], "part_index": [0]})
     t = time.perf_counter()
     n = sum(c.num_rows for c in read_units(batch, preprocess=Preprocess(image_size=image_size, channels=channels),
-                                           chunk_size=256, max_pixels=1 << 26))
+                                           batch_size=256, max_pixels=1 << 26))
     return n / (time.perf_counter() - t)
 
 
