@@ -24,7 +24,7 @@ quantizer inside a plain conv encoder/decoder of this size reached MSE 0.0038, 1
 perplexity 400 on a 2-core machine under these settings (quoted from the issue, not measured here).
 
     python benchmarks/vqvae_quality.py [--steps 5000] [--tune-steps 800] [--lrs 2e-4,5e-4,1e-3,2e-3]
-                                       [--max-extend 2] [--tune-ours] [--vanilla-lr LR] [--threads N]
+                                       [--max-extend 3] [--tune-ours] [--vanilla-lr LR] [--threads N]
                                        [--out benchmarks/out/quality] [--no-append]
 """
 from __future__ import annotations
@@ -95,7 +95,7 @@ def main() -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--tune-steps", type=int, default=800, help="steps per sweep run (0: no sweep, use --vanilla-lr)")
     p.add_argument("--lrs", default="2e-4,5e-4,1e-3,2e-3", help="learning rates the sweep tries")
-    p.add_argument("--max-extend", type=int, default=2,
+    p.add_argument("--max-extend", type=int, default=3,
                    help="extra lrs (x2.5 or /2.5) the sweep may add while its best is at the edge of the grid")
     p.add_argument("--val-size", type=int, default=10_000, help="train images held out to score the sweep")
     p.add_argument("--tune-ours", action="store_true",
@@ -152,9 +152,9 @@ def main() -> int:
                     row[1] += " (best)"
         n_fit = 60_000 - args.val_size
         sweep_text = (
-            f"Learning-rate sweep: {args.tune_steps} steps of batch {args.batch_size} per run (the same {WARMUP}-step warmup, "
-            f"cosine decay over the run's steps), trained on the first {n_fit:,} train images, scored on the last "
-            f"{args.val_size:,} (validation MSE; the test split is not used to choose).\n\n"
+            f"Learning-rate sweep: {args.tune_steps} steps of batch {args.batch_size} per run (the same "
+            f"{WARMUP}-step warmup, cosine decay over the run's steps), trained on the first {n_fit:,} train images, "
+            f"scored on the last {args.val_size:,} (validation MSE; the test split is not used to choose).\n\n"
             + table(["quantizer", "lr", "val MSE", "usage", "perplexity", "seconds"], sweep_rows) + "\n\n"
             + "".join(f"lr {lr:g} was added to the {n.split(' (')[0]} sweep because the best lr so far was at the "
                       f"edge of the grid. " for n, lr in extended)
