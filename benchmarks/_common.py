@@ -5,6 +5,7 @@ import datetime as _dt
 import os
 import platform
 import subprocess
+import time
 from pathlib import Path
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
@@ -52,3 +53,18 @@ def append_results(title: str, body: str) -> None:
     with open(RESULTS, "a") as f:
         f.write(text)
     print(f"appended to {RESULTS}")
+
+
+def interleaved(fns: dict, repeat: int) -> dict:
+    """Best time of each method over `repeat` rounds, the methods taking turns within a round. Timed
+    one method after another instead, faiss (its own OpenMP threads) measured right after torch's
+    bursts ran up to 1.5x slower on some runs, which flattered the vs-faiss ratio."""
+    for fn in fns.values():
+        fn()  # warm-up
+    best = {name: float("inf") for name in fns}
+    for _ in range(repeat):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import append_results, table  # noqa: E402
+from _common import append_results, interleaved, table  # noqa: E402
 
 from vqtok import nearest_code  # noqa: E402
 
@@ -37,21 +37,6 @@ def timeit(fn, repeat: int, sync=lambda: None) -> float:
         fn()
         sync()
         best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def interleaved(fns: dict, repeat: int) -> dict:
-    """Best time of each method over `repeat` rounds, the methods taking turns within a round. Timed
-    one method after another instead, faiss (its own OpenMP threads) measured right after torch's
-    bursts ran up to 1.5x slower on some runs, which flattered the vs-faiss ratio."""
-    for fn in fns.values():
-        fn()  # warm-up
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import append_results, table  # noqa: E402
+from _common import append_results, interleaved, table  # noqa: E402
 
 SHAPES = ((512, 64), (8192, 64), (1024, 256))
 BF16_UNIT = 2.0**-8  # unit roundoff of bfloat16 (8 significant bits)
@@ -42,20 +42,6 @@ def best_time(fn, repeat: int) -> float:
         t0 = time.perf_counter()
         fn()
         best = min(best, time.perf_counter() - t0)
-    return best
-
-
-def interleaved(fns: dict, repeat: int) -> dict:
-    """Best time of each function over `repeat` rounds, the functions taking turns within a round
-    (faiss's OpenMP threads and torch's share the cores, so no method always runs right after another's burst)."""
-    for fn in fns.values():
-        fn()  # warm-up
-    best = {name: float("inf") for name in fns}
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t0)
     return best
 
 
