@@ -70,6 +70,16 @@ class Failure:
     key: str
     unit: str
     reason: str
+    # True when the unit itself is damaged (a cut-short or corrupt shard, an unreadable Parquet or
+    # IDX file): one Failure then stands for every image lost after `key` ("<after N samples>"),
+    # however many, so jobs count these apart from bad images (is_unit_failure)
+    unit_damaged: bool = False
+
+
+def is_unit_failure(f: Failure | dict) -> bool:
+    """Whether a failure is a damaged unit rather than one bad image; takes a Failure or its
+    dataclasses.asdict form (what the tokenize stages send to the driver as JSON)."""
+    return bool(f.get("unit_damaged", False) if isinstance(f, dict) else f.unit_damaged)
 
 
 @dataclass
@@ -255,7 +265,8 @@ def _iter_tar(unit: Unit, on_failure) -> Iterator[RawSample]:
                 raise tarfile.ReadError(f"no end-of-archive marker after {reader.total} bytes: the shard is cut short")
     except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as e:
         # truncated or corrupt archive (or a duplicate member name): keep what was read, report the rest
-        on_failure(Failure(f"<after {n} samples>", unit.url, f"unreadable tar ({type(e).__name__}: {e})"))
+        on_failure(Failure(f"<after {n} samples>", unit.url, f"unreadable tar ({type(e).__name__}: {e})",
+                           unit_damaged=True))
 
 
 def _parquet_columns(schema) -> tuple[str | None, str | None, str | None]:
@@ -283,7 +294,8 @@ def _iter_parquet(unit: Unit, on_failure) -> Iterator[RawSample]:
             image, key, label = _parquet_columns(pf.schema_arrow)
             if image is None:
                 on_failure(Failure("<file>", unit.url, f"no image column: expected a binary column named one of "
-                                   f"{', '.join(PARQUET_IMAGE_COLUMNS)} (found {', '.join(pf.schema_arrow.names)})"))
+                                   f"{', '.join(PARQUET_IMAGE_COLUMNS)} (found {', '.join(pf.schema_arrow.names)})",
+                                   unit_damaged=True))
                 return
             columns = [c for c in (image, key, label) if c]
             for batch in pf.iter_batches(batch_size=256, columns=columns):
@@ -301,7 +313,8 @@ def _iter_parquet(unit: Unit, on_failure) -> Iterator[RawSample]:
                         continue
                     yield RawSample(key=k, data=data, label=lab, unit=unit.url)
     except Exception as e:  # a corrupt or truncated file: keep what was read, report the rest
-        on_failure(Failure(f"<after {row} rows>", unit.url, f"unreadable Parquet file ({type(e).__name__}: {e})"))
+        on_failure(Failure(f"<after {row} rows>", unit.url, f"unreadable Parquet file ({type(e).__name__}: {e})",
+                           unit_damaged=True))
 
 
 def read_idx(url: str) -> np.ndarray:
@@ -325,7 +338,7 @@ def _iter_idx(unit: Unit, on_failure) -> Iterator[RawSample]:
         images = read_idx(unit.url)
         labels = read_idx(unit.labels_url) if unit.labels_url else None
     except Exception as e:
-        on_failure(Failure("<file>", unit.url, f"unreadable IDX file ({type(e).__name__}: {e})"))
+        on_failure(Failure("<file>", unit.url, f"unreadable IDX file ({type(e).__name__}: {e})", unit_damaged=True))
         return
     if labels is not None and len(labels) != len(images):
         on_failure(Failure("<labels>", unit.url, f"{len(labels)} labels for {len(images)} images: labels ignored"))

@@ -177,3 +177,42 @@ def test_parquet_files_with_image_bytes(tmp_path, fmnist):
     with pytest.raises(DecodeError, match="not an image"):
         decode_sample(samples[4], pre)
     assert len(failures) == 1 and "no image column" in failures[0].reason and "text" in failures[0].reason
+
+
+def test_a_damaged_unit_is_marked_apart_from_bad_images(tmp_path, fmnist):
+    """A cut-short shard loses every member after the cut but is one Failure: it is marked as a
+    unit failure (is_unit_failure) so a job can count damaged units apart from bad images, also
+    after the trip through JSON that failures make between the Ray stages and the driver."""
+    import dataclasses
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from vqtok.pipeline.sources import Failure, is_unit_failure
+
+    members = [(f"{i:03d}.png", png_bytes(fmnist[0][i])) for i in range(20)] + [("bad.png", b"junk")]
+    full = write_tar(tmp_path / "full.tar", members).read_bytes()
+    (tmp_path / "cut.tar").write_bytes(full[: len(full) // 2])
+    write_tar(tmp_path / "ok.tar", [("a.png", png_bytes(fmnist[0][0])), ("b.json", b"{}")])
+    table = pa.table({"image": [png_bytes(fmnist[0][i]) for i in range(300)]})
+    pq.write_table(table, tmp_path / "full.parquet", row_group_size=100)
+    data = (tmp_path / "full.parquet").read_bytes()
+    (tmp_path / "cut.parquet").write_bytes(data[: len(data) // 2])
+    pq.write_table(pa.table({"text": ["no images"]}), tmp_path / "noimage.parquet")
+    (tmp_path / "bad-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x03" + b"\x00" * 20)
+
+    def failures_of(name):
+        found = []
+        for unit in list_units(str(tmp_path / name)):
+            list(iter_unit(unit, found.append))
+        return found
+
+    for name in ("cut.tar", "cut.parquet", "noimage.parquet", "bad-images-idx3-ubyte"):
+        (f,) = failures_of(name)
+        assert is_unit_failure(f), (name, f)
+        d = json.loads(json.dumps(dataclasses.asdict(f)))  # as read_units sends it to the driver
+        assert is_unit_failure(d) and is_unit_failure(Failure(**d))
+    (member,) = failures_of("ok.tar")
+    assert not is_unit_failure(member) and not is_unit_failure(dataclasses.asdict(member))
+    assert Failure("k", "u", "r") == Failure(key="k", unit="u", reason="r")  # the fields callers pass
