@@ -399,6 +399,10 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
         raise DecodeError(f"decompression bomb refused: {e}") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DecodeError(f"corrupt or truncated image ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - PIL's plugins raise more than the types above on crafted
+        # headers (TypeError, IndexError, struct.error, NotImplementedError...): one bad image must
+        # not end the job. BaseException (KeyboardInterrupt, SystemExit) still propagates.
+        raise DecodeError(f"undecodable image ({type(e).__name__} in the decoder: {e})") from None
 
 
 def decode_image(data: bytes, preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:

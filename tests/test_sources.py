@@ -216,3 +216,29 @@ def test_a_damaged_unit_is_marked_apart_from_bad_images(tmp_path, fmnist):
     (member,) = failures_of("ok.tar")
     assert not is_unit_failure(member) and not is_unit_failure(dataclasses.asdict(member))
     assert Failure("k", "u", "r") == Failure(key="k", unit="u", reason="r")  # the fields callers pass
+
+
+def _tiff_with_rational_strip_offsets() -> bytes:
+    """A real 8x8 TIFF whose StripOffsets entry is retyped LONG -> SRATIONAL: PIL reads the header
+    fine, then load() seeks to a fraction and raises TypeError (not one of its usual error types)."""
+    import io
+    import struct
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (8, 8), 7).save(buf, format="TIFF")
+    data = bytearray(buf.getvalue())
+    assert data[:4] == b"II*\x00"
+    ifd = struct.unpack_from("<I", data, 4)[0]
+    for i in range(struct.unpack_from("<H", data, ifd)[0]):
+        entry = ifd + 2 + 12 * i
+        if struct.unpack_from("<H", data, entry)[0] == 0x0111:  # StripOffsets
+            struct.pack_into("<H", data, entry + 2, 10)  # type SRATIONAL
+            return bytes(data)
+    raise AssertionError("no StripOffsets entry")
+
+
+def test_any_decoder_exception_is_a_decode_error_naming_its_type():
+    with pytest.raises(DecodeError, match="TypeError"):
+        decode_image(_tiff_with_rational_strip_offsets(), PRE)
