@@ -15,12 +15,14 @@ images raise DecodeError with the reason; callers skip and record them (a Failur
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import io
 import os
 import posixpath
 import re
 import tarfile
+import threading
 import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -372,13 +374,41 @@ class DecodeError(ValueError):
     pass
 
 
+# PIL's own decompression-bomb check, at its stock limit (warns above ~89.5 Mpx, raises above twice
+# that), runs inside Image.open and some loaders (GIF frames, ICO, ...).
+_PIL_LIMIT = Image.MAX_IMAGE_PIXELS
+_PIL_LIMIT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pil_limit(max_pixels: int):
+    """Make PIL's check agree with ours (w * h > max_pixels, from the header) for one decode, so a
+    --max-image-pixels above PIL's limit is honoured. PIL reads a module global, shared by every
+    thread, so it is raised only for the call and restored after, under a lock that serialises
+    such calls: only decodes that need the raise take the lock (the default 64 Mpx does not, so
+    the common path stays lock-free and parallel), and one never restores the global under another.
+    A lock-free decode that runs meanwhile sees the raised value, which is harmless: its own header
+    check still applies its own, lower limit. Setting the global once for the whole process instead
+    would silently lift PIL's protection for every other user of PIL in it."""
+    if _PIL_LIMIT is None or max_pixels <= _PIL_LIMIT:
+        yield
+        return
+    with _PIL_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = max_pixels
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
 def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     """Encoded image bytes -> a fully decoded PIL image, after the safety checks (empty input,
     non-image, decompression bomb from the header, truncation). Raises DecodeError."""
     if len(data) == 0:
         raise DecodeError("zero-byte image")
     try:
-        with warnings.catch_warnings():
+        with _pil_limit(max_pixels), warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))  # reads the header only
             w, h = img.size
@@ -396,7 +426,8 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
     except UnidentifiedImageError:
         raise DecodeError(f"not an image ({len(data)} bytes starting {data[:8]!r})") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DecodeError(f"decompression bomb refused: {e}") from None
+        raise DecodeError(f"decompression bomb refused: {e} (max {max_pixels} pixels: raise --max-image-pixels "
+                          f"if such images are genuine)") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise DecodeError(f"corrupt or truncated image ({type(e).__name__}: {e})") from None
     except Exception as e:  # noqa: BLE001 - PIL's plugins raise more than the types above on crafted

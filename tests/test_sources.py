@@ -242,3 +242,28 @@ def _tiff_with_rational_strip_offsets() -> bytes:
 def test_any_decoder_exception_is_a_decode_error_naming_its_type():
     with pytest.raises(DecodeError, match="TypeError"):
         decode_image(_tiff_with_rational_strip_offsets(), PRE)
+
+
+def test_max_image_pixels_above_pils_own_limit_lets_genuine_large_images_through():
+    """PIL refuses more than 2 x Image.MAX_IMAGE_PIXELS (~179 Mpx) by itself: a user who raises
+    --max-image-pixels past that must get the image, with PIL's global put back afterwards."""
+    import io
+
+    from PIL import Image
+
+    from vqtok.pipeline.sources import open_image
+
+    size = (18_000, 10_000)  # 180 Mpx, a real PNG: mode "1" compresses to ~22 kB, decodes in ~0.3 s
+    assert size[0] * size[1] > 2 * Image.MAX_IMAGE_PIXELS
+    buf = io.BytesIO()
+    Image.new("1", size).save(buf, format="PNG")
+    data = buf.getvalue()
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    img = open_image(data, max_pixels=300_000_000)
+    assert img.size == size and img.getpixel((17_999, 9_999)) == 0
+    del img
+    assert Image.MAX_IMAGE_PIXELS == pil_limit  # not changed for the rest of the process
+    for limit in (None, 179_000_000):  # our limit (default 64 Mpx, or raised but still too low) refuses it
+        with pytest.raises(DecodeError, match="decompression bomb.*--max-image-pixels"):
+            open_image(data) if limit is None else open_image(data, max_pixels=limit)
+        assert Image.MAX_IMAGE_PIXELS == pil_limit
