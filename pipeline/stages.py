@@ -16,6 +16,7 @@ placeholder row with a null key and null pixels.
 from __future__ import annotations
 
 import json
+import os
 from collections import defaultdict
 from dataclasses import asdict
 
@@ -90,18 +91,36 @@ def read_units(batch: pa.Table, *, preprocess: Preprocess, batch_size: int, max_
         yield flush(last=True)
 
 
+def encoder_threads(workers: int) -> int:
+    """Torch threads for one CPU encoder, computed where the encoder runs (not on the driver, whose
+    machine may differ from the worker nodes): the CPUs this process may use (its affinity mask,
+    which honours taskset and container cpusets; os.cpu_count() where there is none) divided by
+    the `workers` encoders of the job, at least 1. How many of them Ray placed on this node is not
+    knowable when one starts (the others may still be starting), so all are assumed to share it:
+    exact on the embedded Ray and on a single-node cluster; where Ray spreads the encoders over
+    several nodes, each node is under-subscribed rather than over-subscribed (--threads-per-worker
+    sets the count outright)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity masks (macOS, Windows)
+        cpus = os.cpu_count() or 1
+    return max(1, cpus // max(1, workers))
+
+
 class BatchEncoder:
     """Ray Data actor: loads the tokenizer once, turns pixel rows into token rows."""
 
-    def __init__(self, bundle, *, batch_size: int, device: str = "cpu", threads: int = 0):
+    def __init__(self, bundle, *, batch_size: int, device: str = "cpu", threads: int = 0, workers: int = 1):
         """bundle: the (config.json, model.safetensors) bytes, or a callable that returns them
-        (the job passes a small handle to one copy in Ray's object store)."""
+        (the job passes a small handle to one copy in Ray's object store). threads: torch threads;
+        0 on CPU sizes them on this node for `workers` encoders (encoder_threads), 0 on a GPU
+        leaves torch's setting alone."""
         import torch
 
         from ..models.tokenizer import Tokenizer
 
-        if threads > 0:
-            torch.set_num_threads(threads)
+        if threads > 0 or device == "cpu":
+            torch.set_num_threads(threads or encoder_threads(workers))
         if callable(bundle):
             bundle = bundle()
         self.tok = Tokenizer.from_bytes(*bundle, device=device)
