@@ -195,8 +195,27 @@ def _stderr_without(pattern: re.Pattern):
                 os.write(2, b"".join(kept))
 
 
-def check_resources(ray, *, workers: int, gpus_per_worker: float) -> None:
+def check_resources(ray, *, workers: int, gpus_per_worker: float, cpus_per_worker: float | None = None,
+                    decode_cpus: float = 0.0) -> None:
+    """Refuse, in seconds, workers the cluster cannot place (Ray would wait for them forever):
+    `workers` x `gpus_per_worker` GPUs and, when cpus_per_worker is given, `workers` x
+    `cpus_per_worker` CPUs plus `decode_cpus` (tokenize: its decoding tasks need a CPU of their
+    own besides the encoders). Compared with the cluster's current total resources: an
+    autoscaling cluster that could grow is refused too."""
     total = ray.cluster_resources()
+    if cpus_per_worker is not None:
+        have = total.get("CPU", 0)
+        need = workers * cpus_per_worker + decode_cpus
+        if need > have:
+            fits = int((have - decode_cpus) / cpus_per_worker + 1e-9)
+            plus = f", plus {decode_cpus:g} for decoding" if decode_cpus else ""
+            fix = (f"pass --workers {fits} (what fits), or a smaller --cpus-per-worker" if fits >= 1 else
+                   f"not even one worker fits: pass a smaller --cpus-per-worker (at most {have - decode_cpus:g}), "
+                   f"or run on a cluster with more CPUs")
+            raise ConfigError(
+                f"--workers {workers} needs {need:g} CPUs ({cpus_per_worker:g} per worker{plus}) but the Ray "
+                f"cluster has {have:g}: {fix}"
+            )
     if gpus_per_worker > 0:
         have = total.get("GPU", 0)
         need = workers * gpus_per_worker

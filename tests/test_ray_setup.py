@@ -26,3 +26,34 @@ def test_cpu_encoders_size_their_threads_from_the_node_they_run_on(monkeypatch, 
         assert torch.get_num_threads() == 16
     finally:
         torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    from vqtok.jobs._ray import init_ray
+
+    ray = init_ray(None)
+    yield ray
+    ray.shutdown()
+
+
+def test_more_workers_than_the_cluster_can_place_are_refused_up_front(ray_local):
+    """Ray Data waits forever for actors it cannot place: the check refuses in seconds instead,
+    naming what one worker needs, what the cluster has and the --workers that would fit."""
+    from vqtok import ConfigError
+    from vqtok.jobs._ray import check_resources
+
+    cpus = ray_local.cluster_resources()["CPU"]
+    fits = int((cpus - 1) / 0.5)  # tokenize: 0.5 CPU per CPU encoder, plus 1 for the decoding tasks
+    check_resources(ray_local, workers=fits, gpus_per_worker=0, cpus_per_worker=0.5, decode_cpus=1)
+    with pytest.raises(ConfigError, match=rf"--workers {fits + 1} needs {(fits + 1) * 0.5 + 1:g} CPUs "
+                                          rf"\(0.5 per worker, plus 1 for decoding\) but the Ray cluster has "
+                                          rf"{cpus:g}: pass --workers {fits} .*or a smaller --cpus-per-worker"):
+        check_resources(ray_local, workers=fits + 1, gpus_per_worker=0, cpus_per_worker=0.5, decode_cpus=1)
+    with pytest.raises(ConfigError, match=r"not even one worker.*--cpus-per-worker"):
+        check_resources(ray_local, workers=1, gpus_per_worker=0, cpus_per_worker=cpus, decode_cpus=1)
+    with pytest.raises(ConfigError, match="needs 1 GPUs but the Ray cluster has 0"):
+        check_resources(ray_local, workers=1, gpus_per_worker=1, cpus_per_worker=1.0, decode_cpus=1)
+    # as the trainers call it (Ray Train's CPUs are not checked): unchanged
+    check_resources(ray_local, workers=1, gpus_per_worker=0)
+
