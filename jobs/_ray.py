@@ -44,7 +44,12 @@ def init_ray(address: str | None):
     # this (a cluster's workers have their own environment).
     os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
     kwargs = dict(logging_level=logging.WARNING, log_to_driver=True, configure_logging=True)
-    embedded = address is None and "RAY_ADDRESS" not in os.environ
+    address = address or None
+    # An exported but empty RAY_ADDRESS means unset. Ray itself would read it as "auto" and join
+    # whatever cluster `ray start` left on this machine, so it is hidden from ray.init (and the Ray
+    # processes it starts) and put back after.
+    empty_env = os.environ.get("RAY_ADDRESS") == ""
+    embedded = address is None and not os.environ.get("RAY_ADDRESS")
     if embedded:
         # embedded: always a fresh local Ray owned by this process, even when `ray start` left a
         # cluster running on this machine (join that one with --address auto). The dashboard
@@ -54,6 +59,8 @@ def init_ray(address: str | None):
         kwargs |= dict(include_dashboard=True, dashboard_host="127.0.0.1", num_cpus=os.cpu_count())
     _quiet_ray_noise()
     try:
+        if empty_env:
+            del os.environ["RAY_ADDRESS"]
         ray.init(address=address, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as e:
         where = os.environ.get("RAY_ADDRESS") if address in (None, "local") else address
@@ -62,6 +69,9 @@ def init_ray(address: str | None):
             f"Start one with `ray start --head`, pass its address (e.g. 127.0.0.1:6379), or leave --address out "
             f"to run on an embedded local Ray"
         ) from None
+    finally:
+        if empty_env:
+            os.environ["RAY_ADDRESS"] = ""
     _quiet_ray_data()
     if embedded:
         _spend_actor_args_notice(ray)

@@ -57,3 +57,25 @@ def test_more_workers_than_the_cluster_can_place_are_refused_up_front(ray_local)
     # as the trainers call it (Ray Train's CPUs are not checked): unchanged
     check_resources(ray_local, workers=1, gpus_per_worker=0)
 
+
+def test_an_empty_RAY_ADDRESS_starts_an_embedded_ray(monkeypatch):
+    """RAY_ADDRESS="" (exported but empty) means unset: a fresh embedded Ray, not whatever cluster
+    `ray start` left on the machine (which Ray itself would join for an empty RAY_ADDRESS)."""
+    import ray
+
+    from vqtok.jobs import _ray
+
+    calls = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda address=None, **kw: calls.append((address, dict(os.environ), kw)))
+    monkeypatch.setattr(_ray, "_spend_actor_args_notice", lambda ray: None)
+    for empty in (None, ""):
+        monkeypatch.setenv("RAY_ADDRESS", "")
+        _ray.init_ray(empty)
+        address, env, kw = calls[-1]
+        assert address == "local" and "num_cpus" in kw  # the embedded Ray
+        assert "RAY_ADDRESS" not in env  # ray.init (and the Ray it starts) never sees the empty value
+        assert os.environ["RAY_ADDRESS"] == ""  # the user's environment is put back
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")  # a real RAY_ADDRESS is still joined
+    _ray.init_ray(None)
+    assert calls[-1][0] is None and calls[-1][1]["RAY_ADDRESS"] == "127.0.0.1:6379" and "num_cpus" not in calls[-1][2]
