@@ -22,17 +22,39 @@ On a CPU tensor the same kernel runs under Triton's interpreter (TRITON_INTERPRE
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 
 import torch
 
-if not torch.cuda.is_available():  # CPU tensors can only run on Triton's interpreter
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# Without CUDA only Triton's interpreter can run the kernel, and Triton reads TRITON_INTERPRET both
+# when it is imported (and decorates kernels) and while a kernel launches (lazy imports check it).
+# The variable is set to 1 for exactly those moments (the import and decoration below, each
+# launch) and removed after, so the rest of the process and its subprocesses see the environment
+# as it was. A TRITON_INTERPRET set before (as CI sets TRITON_INTERPRET=1) is left alone.
+_SUPPLY_INTERPRET = not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ
+_INTERPRET_LOCK = threading.Lock()  # os.environ is process-wide: one launch sets and removes it at a time
 
-import triton  # noqa: E402
+
+@contextlib.contextmanager
+def _interpreter_env():
+    if not _SUPPLY_INTERPRET:
+        yield
+        return
+    with _INTERPRET_LOCK:
+        os.environ["TRITON_INTERPRET"] = "1"
+        try:
+            yield
+        finally:
+            del os.environ["TRITON_INTERPRET"]
+
+
+with _interpreter_env():
+    import triton
+    import triton.language as tl
 
 from .nearest_code import distance_to  # noqa: E402
-import triton.language as tl  # noqa: E402
 
 FP16_UNIT = 2.0**-11  # unit roundoff of float16 (11 significant bits)
 FP16_SAFE = 30_000.0  # operands beyond this (in magnitude) take the exact path
@@ -76,9 +98,7 @@ def _configs():
     return out
 
 
-@triton.autotune(configs=_configs(), key=["K", "D", "LOW_PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune})
-@triton.jit
+# A Triton kernel: made one (triton.jit, then autotune) below its body, with TRITON_INTERPRET in place
 def _nearest_code_kernel(
     x_ptr, e_ptr, esq_ptr, idx_ptr, best_ptr, second_ptr,
     N, K, D,
@@ -132,6 +152,12 @@ def _nearest_code_kernel(
         tl.store(second_ptr + rows, second, mask=row_mask)
 
 
+with _interpreter_env():  # what triton.jit makes of the kernel depends on TRITON_INTERPRET
+    _nearest_code_kernel = triton.autotune(configs=_configs(), key=["K", "D", "LOW_PRECISION"],
+                                           prune_configs_by={"early_config_prune": _prune})(
+        triton.jit(_nearest_code_kernel))
+
+
 def _launch(x, e, esq, *, low: bool, track_second: bool):
     n, d = x.shape
     k = e.shape[0]
@@ -141,11 +167,12 @@ def _launch(x, e, esq, *, low: bool, track_second: bool):
     if n == 0:
         return idx, best, second
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    _nearest_code_kernel[grid](
-        x, e, esq, idx, best, second, n, k, d,
-        x.stride(0), x.stride(1), e.stride(0), e.stride(1),
-        LOW_PRECISION=low, TRACK_SECOND=track_second,
-    )
+    with _interpreter_env():
+        _nearest_code_kernel[grid](
+            x, e, esq, idx, best, second, n, k, d,
+            x.stride(0), x.stride(1), e.stride(0), e.stride(1),
+            LOW_PRECISION=low, TRACK_SECOND=track_second,
+        )
     return idx, best, second
 
 

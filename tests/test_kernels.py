@@ -7,6 +7,10 @@ multiple of the worst-case fp32 error of ||e||^2 - 2 x.e. The Triton kernel runs
 interpreter (small sizes); `-m gpu` runs it at full size on CUDA.
 """
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -105,6 +109,20 @@ def test_fast_mode_reports_the_rows_it_re_searched():
     stats = {}
     idx = nearest_code(mid, pair, backend="triton", precision="fast", stats=stats)
     assert stats["flagged"] == 1 and idx.tolist() == nearest_code_reference(mid, pair)[0].tolist()
+
+
+def test_the_kernel_does_not_set_triton_interpret_for_the_whole_process():
+    """Without CUDA the kernel runs on Triton's interpreter; importing and running it must leave
+    TRITON_INTERPRET as it was (a later Triton user, or a subprocess, would silently interpret)."""
+    code = ("import os, torch, vqtok.kernels, vqtok.kernels.triton_kernel; x = torch.randn(5, 4); "
+            "assert vqtok.kernels.nearest_code(x, x, backend='triton').tolist() == [0, 1, 2, 3, 4]; "
+            "print(repr(os.environ.get('TRITON_INTERPRET')))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"CUDA_VISIBLE_DEVICES": ""}
+    for before, after in ((None, "None"), ("1", "'1'")):  # unset stays unset; a caller's value is kept
+        run_env = env if before is None else env | {"TRITON_INTERPRET": before}
+        out = subprocess.run([sys.executable, "-c", code], env=run_env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert out.stdout.strip() == after
 
 
 def test_bad_arguments_name_the_problem():
