@@ -23,7 +23,9 @@ from ..models.tokenizer import Tokenizer
 from ..pipeline.errors import DataError
 from ..pipeline.sources import DEFAULT_MAX_PIXELS, Failure, list_units, split_patterns
 from ..pipeline.stages import BatchEncoder, UnitAssembler, read_units, unit_to_json
-from ..pipeline.token_dataset import ERRORS_DIR, TokenWriter, dataset_metadata, part_table
+from ..pipeline.lease import DEFAULT_TTL
+from ..pipeline.token_dataset import (CHANGED, ERRORS_DIR, REMOVED, Plan, TokenWriter, dataset_metadata, list_some,
+                                      part_table)
 from ._ray import check_address, check_resources, init_ray
 from .options import Command, job_main
 from .progress import fmt_duration
@@ -44,6 +46,12 @@ class TokenizeConfig(Config):
                                        "else an embedded local Ray)")
     max_failure_fraction: float = option(0.1, "fail when more of the input images than this are bad")
     max_image_pixels: int = option(DEFAULT_MAX_PIXELS, "refuse larger images as decompression bombs")
+    changed_inputs: str = option("redo", "committed inputs that changed since (size, mtime/ETag, a folder unit's "
+                                         "files): redo (re-tokenize, replacing their parts) or refuse")
+    removed_inputs: str = option("refuse", "committed inputs no longer given: refuse (stop, naming them), keep (their "
+                                           "rows stay) or drop (their rows go, as in a clean run over the inputs)")
+    lease_seconds: float = option(DEFAULT_TTL, "object stores: a writer's lease on --out expires this long after its "
+                                               "last heartbeat (local disk: when its process ends)")
     progress_seconds: float = option(10.0, "seconds between progress lines")
     verbose: bool = option(True, "print progress and the summary", cli=False)
 
@@ -64,6 +72,12 @@ class TokenizeConfig(Config):
             raise ConfigError(f"--cpus-per-worker {self.cpus_per_worker}: must be positive")
         if not 0 <= self.max_failure_fraction <= 1:
             raise ConfigError(f"--max-failure-fraction {self.max_failure_fraction}: must be in [0, 1]")
+        if self.changed_inputs not in CHANGED:
+            raise ConfigError(f"--changed-inputs {self.changed_inputs!r}: expected one of {', '.join(CHANGED)}")
+        if self.removed_inputs not in REMOVED:
+            raise ConfigError(f"--removed-inputs {self.removed_inputs!r}: expected one of {', '.join(REMOVED)}")
+        if self.lease_seconds < 2:
+            raise ConfigError(f"--lease-seconds {self.lease_seconds}: must be at least 2 (heartbeats come every quarter)")
         if self.max_image_pixels < 1:
             raise ConfigError(f"--max-image-pixels {self.max_image_pixels}: must be positive")
 
@@ -78,6 +92,7 @@ class TokenizeResult:
     units_total: int
     units_run: int  # tokenized by this run
     units_skipped: int  # already committed before this run
+    plan: Plan  # inputs new, changed, removed (kept or dropped) since the dataset's last run
     images_run: int  # rows written by this run
     seconds: float
     images_per_s: float  # images_run / seconds: the whole command, Ray start-up included
@@ -104,25 +119,26 @@ def run(cfg: TokenizeConfig) -> TokenizeResult:
                             preprocess=tok.preprocess.to_dict(), vqtok_version=vqtok_version())
     units = list_units(cfg.data)
     location = cfg.tokenizer if "://" in cfg.tokenizer else os.path.abspath(cfg.tokenizer)
-    output = TokenWriter.open(cfg.out, meta, units, tokenizer_location=location)
-    output.write_config(cfg.to_dict())
-    pending = output.pending(units)
-    skipped = len(units) - len(pending)
-    say(f"vqtok tokenize: {len(units)} input units from {', '.join(cfg.data)}; {skipped} already committed in "
-        f"{cfg.out}, {len(pending)} to do (tokenizer {tok.id[:12]}, grid {tok.grid[0]}x{tok.grid[1]}, K={meta['codebook_size']})",
-        flush=True)
-    images_run, examples, stream_seconds = 0, [], 0.0
-    if pending:
-        images_run, examples, stream_seconds = _stream(cfg, bundle, tok, meta, output, pending, say)
-    seconds = time.time() - t0
-    c = output.committed.values()
-    result = TokenizeResult(
-        out=cfg.out, rows=output.manifest["rows"], parts=len(c), bytes=sum(x["bytes"] for x in c),
-        failures=output.manifest["failures"], units_total=len(units), units_run=len(pending), units_skipped=skipped,
-        images_run=images_run, seconds=seconds, images_per_s=images_run / max(seconds, 1e-9),
-        stream_seconds=stream_seconds, failure_examples=examples,
-    )
-    _check_failures(output, cfg, final=True)
+    with TokenWriter.open(cfg.out, meta, units, tokenizer_location=location, changed=cfg.changed_inputs,
+                          removed=cfg.removed_inputs, lease_seconds=cfg.lease_seconds) as output:
+        output.write_config(cfg.to_dict())
+        pending = output.pending(units)
+        skipped = len(units) - len(pending)
+        say(f"vqtok tokenize: {len(units)} input units from {', '.join(cfg.data)}; {skipped} already committed in "
+            f"{cfg.out}, {len(pending)} to do (tokenizer {tok.id[:12]}, grid {tok.grid[0]}x{tok.grid[1]}, "
+            f"K={meta['codebook_size']})" + _plan_note(output.plan), flush=True)
+        images_run, examples, stream_seconds = 0, [], 0.0
+        if pending:
+            images_run, examples, stream_seconds = _stream(cfg, bundle, tok, meta, output, pending, say)
+        seconds = time.time() - t0
+        c = output.committed.values()
+        result = TokenizeResult(
+            out=cfg.out, rows=output.rows, parts=len(c), bytes=sum(x["bytes"] for x in c),
+            failures=output.failures, units_total=len(units), units_run=len(pending), units_skipped=skipped,
+            plan=output.plan, images_run=images_run, seconds=seconds, images_per_s=images_run / max(seconds, 1e-9),
+            stream_seconds=stream_seconds, failure_examples=examples,
+        )
+        _check_failures(output, cfg, final=True)
     say(_summary(result), flush=True)
     return result
 
@@ -191,12 +207,12 @@ def _progress(done: int, total: int, images: int, elapsed: float, output: TokenW
     eta = elapsed / done * (total - done) if done else float("nan")
     eta_s = fmt_duration(eta) if done else "?"
     return (f"vqtok tokenize: units {done}/{total} | images {images:,} | {rate:,.0f} img/s | "
-            f"skipped {output.manifest['failures']} | eta {eta_s}")
+            f"skipped {output.failures} | eta {eta_s}")
 
 
 def _check_failures(output: TokenWriter, cfg: TokenizeConfig, final: bool) -> None:
-    failed = output.manifest["failures"]  # totals over every committed unit, kept by the manifest
-    seen = failed + output.manifest["rows"]
+    failed = output.failures  # totals over every committed unit
+    seen = failed + output.rows
     if not seen or (not final and seen < 1000):
         return
     if failed / seen > cfg.max_failure_fraction:
@@ -207,15 +223,25 @@ def _check_failures(output: TokenWriter, cfg: TokenizeConfig, final: bool) -> No
         )
 
 
+def _plan_note(p: Plan) -> str:
+    """The inputs that changed or went since the dataset's last run, for the first line and the summary."""
+    notes = [f"{len(p.changed)} changed since committed (re-tokenized: {list_some(p.changed)})"] if p.changed else []
+    notes += [f"{len(p.kept)} no longer among the inputs, rows kept: {list_some(p.kept)}"] if p.kept else []
+    notes += [f"{len(p.dropped)} no longer among the inputs, rows dropped: {list_some(p.dropped)}"] if p.dropped else []
+    return "; units " + "; ".join(notes) if notes else ""
+
+
+
 def _summary(r: TokenizeResult) -> str:
     if r.units_run == 0:
         return (f"vqtok tokenize: nothing to do: all {r.units_total} units are already committed in {r.out} "
-                f"({r.rows:,} rows in {r.parts} parts)")
+                f"({r.rows:,} rows in {r.parts} parts)" + _plan_note(r.plan))
     lines = [
         f"vqtok tokenize: done in {fmt_duration(r.seconds)}: {r.images_run:,} images from {r.units_run} units "
         f"({r.images_per_s:,.0f} img/s end to end)",
         f"  dataset {r.out}: {r.rows:,} rows in {r.parts} parts, {_fmt_bytes(r.bytes)}"
         + (f" ({r.units_skipped} units were already there)" if r.units_skipped else ""),
+        *([f"  inputs since the last run:{_plan_note(r.plan).removeprefix(';')}"] if _plan_note(r.plan) else []),
         f"  skipped inputs: {r.failures}" + (f" (one record each in {r.out}/{ERRORS_DIR}/)" if r.failures else ""),
         f"  read it with vqtok.TokenDataset({r.out!r}) or `vqtok inspect {r.out}`",
     ]

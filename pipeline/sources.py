@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import gzip
+import hashlib
 import io
+import json
 import os
 import posixpath
 import re
@@ -46,17 +48,18 @@ PARQUET_IMAGE_COLUMNS = ("image", "img", "png", "jpg", "jpeg", "webp", "image_by
 PARQUET_KEY_COLUMNS = ("key", "__key__", "id", "name", "path")
 PARQUET_LABEL_COLUMNS = ("label", "cls", "labels", "class")
 IDX_IMAGES = re.compile(r"idx3-ubyte(\.gz)?$")
-FOLDER_UNIT_SIZE = 1000  # image files per unit when reading an image folder
+FOLDER_UNIT_SIZE = 1000  # image files per unit, on average, when reading an image folder (see _folder_units)
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 @dataclass(frozen=True)
 class Unit:
-    url: str  # the shard or file; for a folder unit, the folder and the unit number
+    url: str  # the shard or file; for a folder unit, FOLDER#RELATIVE/PATH of the file that starts it
     kind: str  # "tar" | "idx" | "files" | "parquet"
     files: tuple[str, ...] = ()  # "files": the image files of this folder unit
     labels: tuple[int | None, ...] = ()  # "files": the label of each file (from its parent folder)
     labels_url: str | None = None  # "idx": the matching labels file, when there is one
+    signature: str = ""  # what the unit held when listed (sizes, ETags or mtimes, files, labels), hashed
 
 
 @dataclass
@@ -123,8 +126,8 @@ def split_patterns(data: str | Sequence[str]) -> list[str]:
 
 
 def list_units(data: str | Sequence[str], *, folder_unit_size: int = FOLDER_UNIT_SIZE) -> list[Unit]:
-    """Expand patterns (braces, globs, directories, any fsspec URL) into sorted, de-duplicated units.
-    Raises DataError naming any pattern that matches nothing."""
+    """Expand patterns (braces, globs, directories, any fsspec URL) into sorted, de-duplicated units,
+    each with its signature. Raises DataError naming any pattern that matches nothing."""
     patterns = split_patterns(data)
     if not patterns:
         raise DataError("no input data given: pass --data with a path or URL pattern (e.g. /data/train-{000..009}.tar)")
@@ -149,33 +152,55 @@ def _units_for(url: str, folder_unit_size: int) -> list[Unit]:
     proto = url.split("://", 1)[0] + "://" if "://" in url else ""
     full = lambda p: proto + p if proto and not p.startswith(proto) else p  # noqa: E731
     if _GLOB_CHARS.search(path):
-        paths = sorted(fs.glob(path))
-        files = [p for p in paths if not fs.isdir(p)]
-        return _classify([full(p) for p in files], folder_unit_size, base=None)
+        found = fs.glob(path, detail=True)
+        files = {full(p): info for p, info in sorted(found.items()) if info.get("type") != "directory"}
+        return _classify(files, folder_unit_size, base=None)
     if not fs.exists(path):
         return []
     if fs.isdir(path):
-        files = sorted(p for p in fs.find(path) if not posixpath.basename(p).startswith("."))
-        return _classify([full(p) for p in files], folder_unit_size, base=full(path))
-    return _classify([full(path)], folder_unit_size, base=None)
+        found = fs.find(path, detail=True)
+        files = {full(p): info for p, info in sorted(found.items()) if not posixpath.basename(p).startswith(".")}
+        return _classify(files, folder_unit_size, base=full(path))
+    return _classify({full(path): fs.info(path)}, folder_unit_size, base=None)
 
 
-def _classify(files: list[str], folder_unit_size: int, base: str | None) -> list[Unit]:
-    tars = [f for f in files if f.endswith(TAR_SUFFIXES)]
-    idx = [f for f in files if IDX_IMAGES.search(f)]
-    images = [f for f in files if _ext(f) in IMAGE_EXTS]
-    units = [Unit(url=f, kind="tar") for f in tars]
-    units += [Unit(url=f, kind="parquet") for f in files if f.endswith(PARQUET_SUFFIXES)]
-    for f in idx:
-        labels = re.sub(r"images-idx3", "labels-idx1", f)
-        labels = labels.replace("idx3-ubyte", "idx1-ubyte")
-        units.append(Unit(url=f, kind="idx", labels_url=labels if labels != f and _exists(labels) else None))
+def _stamp(info: dict) -> str:
+    """What identifies a file's version without reading it: its size and its ETag (object stores)
+    or modification time (local disk)."""
+    version = next((info[k] for k in ("ETag", "etag", "md5", "generation", "mtime", "LastModified", "last_modified",
+                                      "created") if info.get(k) is not None), "")
+    return f"{info.get('size')}:{version}"
+
+
+def _signature(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _classify(files: dict[str, dict], folder_unit_size: int, base: str | None) -> list[Unit]:
+    """files: {url: fsspec info}, sorted by URL."""
+    urls = list(files)
+    units = [Unit(url=f, kind="tar", signature=_signature(_stamp(files[f]))) for f in urls if f.endswith(TAR_SUFFIXES)]
+    units += [Unit(url=f, kind="parquet", signature=_signature(_stamp(files[f])))
+              for f in urls if f.endswith(PARQUET_SUFFIXES)]
+    for f in urls:
+        if IDX_IMAGES.search(f):
+            labels = re.sub(r"images-idx3", "labels-idx1", f).replace("idx3-ubyte", "idx1-ubyte")
+            label_info = files.get(labels) or (_info(labels) if labels != f else None)
+            units.append(Unit(url=f, kind="idx", labels_url=labels if label_info else None,
+                              signature=_signature(_stamp(files[f]), label_info and _stamp(label_info))))
+    images = [f for f in urls if _ext(f) in IMAGE_EXTS]
     if images and len(units) == 0:
-        units += _folder_units(images, folder_unit_size, base)
+        units += _folder_units(images, [_stamp(files[f]) for f in images], folder_unit_size, base)
     return units
 
 
-def _folder_units(images: list[str], size: int, base: str | None) -> list[Unit]:
+def _folder_units(images: list[str], stamps: list[str], size: int, base: str | None) -> list[Unit]:
+    """An image folder's files (sorted) cut into units at content-defined boundaries: a file starts
+    a new unit when the hash of its path relative to the folder is 0 mod `size` (so units hold
+    `size` files on average). Adding or removing a file changes only the unit it falls into (or
+    splits/merges one unit, if the file is itself a boundary): the other units keep their files,
+    names and committed parts. A unit is named after the file that starts it (`FOLDER#first/file.jpg`;
+    the first unit, before any boundary, is `FOLDER#`)."""
     parents = [posixpath.basename(posixpath.dirname(f)) for f in images]
     labels: list[int | None]
     if base is not None and all(posixpath.dirname(f) != base.rstrip("/") for f in images):
@@ -188,20 +213,31 @@ def _folder_units(images: list[str], size: int, base: str | None) -> list[Unit]:
     else:
         labels = [None] * len(images)
     root = base.rstrip("/") if base else posixpath.dirname(images[0])
-    return [
-        Unit(url=f"{root}#{i // size:06d}", kind="files", files=tuple(images[i : i + size]),
-             labels=tuple(labels[i : i + size]))
-        for i in range(0, len(images), size)
-    ]
+    rel = [f[len(root) + 1:] if f.startswith(root + "/") else posixpath.basename(f) for f in images]
+    starts = [0] + [i for i in range(1, len(images)) if _boundary(rel[i], size)]
+    units = []
+    for a, b in zip(starts, starts[1:] + [len(images)]):
+        name = rel[a] if a else ""
+        units.append(Unit(url=f"{root}#{name}", kind="files", files=tuple(images[a:b]), labels=tuple(labels[a:b]),
+                          signature=_signature(rel[a:b], stamps[a:b], labels[a:b])))
+    return units
+
+
+def _boundary(relative_path: str, size: int) -> bool:
+    h = int.from_bytes(hashlib.blake2b(relative_path.encode(), digest_size=8).digest(), "big")
+    return size <= 1 or h % size == 0
 
 
 def _ext(name: str) -> str:
     return name.rsplit(".", 1)[-1].lower() if "." in posixpath.basename(name) else ""
 
 
-def _exists(url: str) -> bool:
+def _info(url: str) -> dict | None:
     fs, path = fsspec.core.url_to_fs(url)
-    return fs.exists(path)
+    try:
+        return fs.info(path)
+    except FileNotFoundError:
+        return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -352,7 +388,7 @@ def _iter_idx(unit: Unit, on_failure) -> Iterator[RawSample]:
 
 
 def _iter_files(unit: Unit, on_failure) -> Iterator[RawSample]:
-    root = unit.url.rsplit("#", 1)[0]
+    root = unit.url.split("#", 1)[0]
     for path, label in zip(unit.files, unit.labels):
         key = posixpath.splitext(path[len(root) + 1 :] if path.startswith(root + "/") else posixpath.basename(path))[0]
         try:

@@ -36,7 +36,7 @@ def unit_to_json(unit: Unit) -> str:
 def unit_from_json(s: str) -> Unit:
     d = json.loads(s)
     return Unit(url=d["url"], kind=d["kind"], files=tuple(d["files"]), labels=tuple(d["labels"]),
-                labels_url=d["labels_url"])
+                labels_url=d["labels_url"], signature=d["signature"])
 
 
 def batch_schema(pixel_bytes: int) -> pa.Schema:

@@ -2,13 +2,17 @@
 
 A token dataset is a directory (or object-store prefix) holding
 
-    part-NNNNNN.parquet   one per input unit, zstd; columns key, tokens, grid_h, grid_w, label, source
-    _manifest.json        the source of truth: which parts are committed (rows, bytes, sha256)
-    _errors/              one JSON line per skipped input (key, unit, reason), a file per unit
+    part-NNNNNN-RUN.parquet  one per input unit, zstd; columns key, tokens, grid_h, grid_w, label, source
+    _manifest.json           the plan (unit -> part number) and the committed parts (rows, bytes, sha256,
+                             the input's signature), as of the last compaction
+    _commits/SEQ-RUN.json    one small record per unit committed since then (the commit point)
+    _errors/                 one JSON line per skipped input (key, unit, reason), a file per part
+    _lease                   (_lease.json on object stores) who is writing (pipeline/lease.py)
 
 Schema metadata key b"vqtok" holds JSON: schema_version, codebook_size, tokenizer_id, grid,
-preprocess, vqtok_version. Everything here is plain pyarrow: a user without vqtok reads the parts
-listed in _manifest.json (or `pyarrow.dataset.dataset(OUT)`, which skips the _-prefixed entries).
+preprocess, vqtok_version. Everything here is plain pyarrow; the committed set is the manifest plus
+the commit records (read_committed), so a reader outside vqtok reads the files TokenDataset(OUT).files()
+lists (`vqtok inspect OUT --files`): a directory listing would also take a crashed run's orphan part.
 
 Reading:
 
@@ -19,18 +23,24 @@ Reading:
 
 Writing (`vqtok tokenize` does this):
 
-    out = TokenWriter.open("out/tokens", meta, units)    # refuses an OUT from another tokenizer
-    for unit, index in out.pending(units): ...           # units not yet committed, with their part index
-    out.commit(unit, index, table, failures)             # write the part, then record it
+    with TokenWriter.open("out/tokens", meta, units) as out:  # takes the lease; refuses another tokenizer's OUT
+        for unit, index in out.pending(units): ...              # units not committed (or changed), with part numbers
+            out.commit(unit, index, table, failures)            # write the part, then its commit record
 
+Protocol per unit: the part's bytes go to `_staging/` and are renamed to their final name (local
+disk), or are written with one PUT (object stores, where an object appears whole or not at all);
+its error records the same way; then one small commit record in `_commits/`: the unit is committed
+when that record exists. A commit writes O(1) bytes whatever the dataset's size. The records are
+folded into `_manifest.json` (one atomic replace) when a run opens OUT, when they outnumber the
+manifest's entries (so O(1) amortized), and when it ends. A crash before the record leaves an
+orphan part that no reader takes and that the next run deletes. Part numbers are fixed in the
+manifest when a unit is first planned; every name carries the writing run's id, so a run that lost
+its lease cannot overwrite the current holder's files, and its records are not the current run's.
 
-Protocol per unit: the part's bytes go to `_staging/` and are renamed to `part-NNNNNN.parquet`
-(local disk), or are written with one PUT (object stores, where an object appears whole or not
-at all); its error records go to `_errors/part-NNNNNN.jsonl` the same way; only then is the unit
-recorded in `_manifest.json` (itself replaced atomically). A crash before the manifest write
-leaves an orphan part that no reader takes (readers go by the manifest) and that the next run
-rewrites. Part numbers are fixed in the manifest when a unit is first planned, so a resumed run
-names its parts exactly as a clean run would.
+Inputs change: each unit's signature (sizes and mtimes or ETags, a folder unit's file list; see
+pipeline/sources.py) is recorded with its commit. A committed unit whose signature changed is
+re-tokenized (its new part replaces the old in one commit) or refused by name; committed units no
+longer among the inputs are refused, kept or dropped, as the run is told (TokenWriter.open).
 """
 from __future__ import annotations
 
@@ -50,18 +60,24 @@ import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
 from .errors import ConfigError, DataError
+from .lease import DEFAULT_TTL, Lease
 from .sources import Failure, Unit
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 1  # of the parts
+MANIFEST_VERSION = 2  # 2: commit records in _commits/, folded into the manifest (1: manifest rewritten per commit)
 METADATA_KEY = b"vqtok"
 MANIFEST = "_manifest.json"
 ERRORS_DIR = "_errors"
 STAGING_DIR = "_staging"
+COMMITS_DIR = "_commits"
 FORMAT = "vqtok-tokens"
 
 
-def part_name(index: int) -> str:
-    return f"part-{index:06d}.parquet"
+def part_name(index: int, run: str) -> str:
+    """part-NNNNNN-RUN.parquet: the unit's part number (fixed when the unit is first planned, in the
+    order of the sorted inputs) and the id of the run that wrote it (so a run that lost its lease
+    cannot overwrite the new holder's parts)."""
+    return f"part-{index:06d}-{run}.parquet"
 
 
 def token_type(codebook_size: int) -> pa.DataType:
@@ -143,9 +159,49 @@ def read_manifest(fs, root: str) -> dict | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Reading the committed set: the manifest plus the commit records not yet folded into it
+# ---------------------------------------------------------------------------------------------
+def read_committed(fs, root: str) -> tuple[dict, dict[str, dict]] | None:
+    """(manifest, {unit url: commit record}) as of now, or None where there is no dataset.
+
+    A record in _commits/ counts when it was written by the run the manifest names and comes after
+    the last one folded into the manifest (its seq is higher); the newest record of a unit wins.
+    Records are listed before the manifest is read, so one folded and deleted while we read is in
+    the manifest we read; a record that vanishes between listing and reading means a compaction
+    ran in between: read again."""
+    for _ in range(10):
+        fs.invalidate_cache(f"{root}/{COMMITS_DIR}")
+        try:
+            names = sorted(fs.ls(f"{root}/{COMMITS_DIR}", detail=False))
+        except FileNotFoundError:
+            names = []
+        manifest = read_manifest(fs, root)
+        if manifest is None:
+            return None
+        committed = dict(manifest.get("committed", {}))
+        folded, run = manifest.get("seq", 0), manifest.get("run")
+        try:
+            records = [json.loads(fs.cat_file(n)) for n in names if _record_counts(n, folded, run)]
+        except FileNotFoundError:
+            continue
+        for r in sorted(records, key=lambda r: r["seq"]):
+            committed[r.pop("unit")] = r
+        return manifest, committed
+    raise DataError(f"{root}: the commit records kept changing while being read; try again")
+
+
+def _record_counts(name: str, folded: int, run: str | None) -> bool:
+    """Commit records are named SEQ-RUN.json (see TokenWriter.commit)."""
+    stem = name.rsplit("/", 1)[-1].removesuffix(".json")
+    seq, _, by = stem.partition("-")
+    return seq.isdigit() and int(seq) > folded and by == run
+
+
+# ---------------------------------------------------------------------------------------------
 # Writing: the commit protocol
 # ---------------------------------------------------------------------------------------------
 CONFIG = "_tokenize_config.json"
+COMPACT_AT = 1000  # fold the commit records into the manifest once there are this many (and as many as it holds)
 
 
 def fingerprint(meta: dict) -> str:
@@ -155,77 +211,202 @@ def fingerprint(meta: dict) -> str:
     return sha256(json.dumps(key, sort_keys=True).encode())
 
 
-class TokenWriter:
-    def __init__(self, url: str, fs, root: str, manifest: dict):
-        self.url, self.fs, self.root, self.manifest = url, fs, root, manifest
-        self.local = isinstance(fs, LocalFileSystem)
+CHANGED = ("redo", "refuse")  # what a run does with a committed unit whose input changed since
+REMOVED = ("refuse", "keep", "drop")  # ... and with committed units no longer among the inputs
 
-    # --- planning -----------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """What a run found when it opened OUT: units by state, as unit URLs."""
+
+    new: list[str]
+    changed: list[str]
+    removed: list[str]
+    kept: list[str]  # removed inputs whose rows stay (removed="keep")
+    dropped: list[str]  # removed inputs whose rows were dropped (removed="drop")
+
+
+class TokenWriter:
+    """Writes a token dataset, one unit's part at a time, under a lease (pipeline/lease.py).
+
+        with TokenWriter.open(url, meta, units) as out:
+            for unit, index in out.pending(units):
+                out.commit(unit, index, table, failures)
+    """
+
+    def __init__(self, url: str, fs, root: str, manifest: dict, lease: Lease):
+        self.url, self.fs, self.root, self.manifest, self.lease = url, fs, root, manifest, lease
+        self.local = isinstance(fs, LocalFileSystem)
+        self.records: list[str] = []  # commit records written since the last compaction
+        self.plan = Plan([], [], [], [], [])
+        self.redo: set[str] = set()
+
+    # --- opening and planning -----------------------------------------------------------------
     @classmethod
     def open(cls, url: str, meta: dict, units: Sequence[Unit], *, storage_options: dict | None = None,
-             tokenizer_location: str | None = None) -> "TokenWriter":
-        """tokenizer_location: where the tokenizer bundle was read from, recorded in the manifest
+             tokenizer_location: str | None = None, changed: str = "redo", removed: str = "refuse",
+             lease_seconds: float = DEFAULT_TTL) -> "TokenWriter":
+        """Take the lease on `url`, check the dataset there was made by the same tokenizer and
+        preprocessing (`meta`), fold in the commit records left by earlier runs, and plan `units`:
+        new ones get the next free part numbers; committed ones whose input changed since (its
+        signature differs) are redone (changed="redo") or refused by name (changed="refuse");
+        committed units no longer among the inputs are refused by name (removed="refuse"), keep
+        their rows ("keep") or lose them ("drop").
+        tokenizer_location: where the tokenizer bundle was read from, recorded in the manifest
         (the newest run's) so `vqtok train-prior` can tell the prior where its decoder lives."""
+        if changed not in CHANGED or removed not in REMOVED:
+            raise ConfigError(f"changed={changed!r}, removed={removed!r}: expected one of {CHANGED} and {REMOVED}")
         url = str(url).rstrip("/")
         fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
         try:
-            manifest = read_manifest(fs, root)
+            lease = Lease.acquire(fs, root, url, lease_seconds)
+        except (PermissionError, OSError) as e:
+            raise ConfigError(f"--out {url}: cannot write there ({type(e).__name__}: {e}); choose a writable "
+                              f"directory or bucket prefix") from None
+        try:
+            out = cls._open_held(url, fs, root, lease, meta, units, tokenizer_location, changed, removed)
+        except BaseException:
+            lease.release()
+            raise
+        return out
+
+    @classmethod
+    def _open_held(cls, url, fs, root, lease, meta, units, tokenizer_location, changed, removed) -> "TokenWriter":
+        try:
+            state = read_committed(fs, root)
         except PermissionError as e:
             raise ConfigError(f"--out {url}: cannot read ({e}); choose a location you can write") from None
         fp = fingerprint(meta)
-        if manifest is None:
+        if state is None:
             _refuse_foreign_contents(fs, root, url)
-            manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "fingerprint": fp, "metadata": meta,
-                        "units": {}, "committed": {}, "created": time.time()}
-        elif manifest.get("fingerprint") != fp:
-            old = manifest.get("metadata", {})
-            raise ConfigError(
-                f"--out {url} already holds tokens from another tokenizer or preprocessing (tokenizer "
-                f"{str(old.get('tokenizer_id'))[:12]}, grid {old.get('grid')}; this run: tokenizer "
-                f"{meta['tokenizer_id'][:12]}, grid {meta['grid']}). Mixing them would make one dataset with two "
-                f"vocabularies: write to a new --out, or delete {url} to start over"
-            )
+            manifest = {"format": FORMAT, "schema_version": SCHEMA_VERSION, "manifest_version": MANIFEST_VERSION,
+                        "fingerprint": fp, "metadata": meta, "units": {}, "committed": {}, "seq": 0,
+                        "created": time.time()}
+        else:
+            manifest, committed = state
+            manifest["committed"] = committed
+            if manifest.get("fingerprint") != fp:
+                old = manifest.get("metadata", {})
+                raise ConfigError(
+                    f"--out {url} already holds tokens from another tokenizer or preprocessing (tokenizer "
+                    f"{str(old.get('tokenizer_id'))[:12]}, grid {old.get('grid')}; this run: tokenizer "
+                    f"{meta['tokenizer_id'][:12]}, grid {meta['grid']}). Mixing them would make one dataset with two "
+                    f"vocabularies: write to a new --out, or delete {url} to start over"
+                )
+            manifest["manifest_version"] = MANIFEST_VERSION
+            manifest["seq"] = max([manifest.get("seq", 0)] + [c.get("seq", 0) for c in manifest["committed"].values()])
         if tokenizer_location:
             manifest["tokenizer"] = tokenizer_location
-        out = cls(url, fs, root, manifest)
-        planned = manifest["units"]
-        next_part = max(planned.values(), default=-1) + 1
-        for unit in units:  # sorted on the driver; new units take the next free part numbers
-            if unit.url not in planned:
-                planned[unit.url] = next_part
-                next_part += 1
+        out = cls(url, fs, root, manifest, lease)
+        out._plan(units, changed, removed)
+        manifest["run"] = lease.run  # from here on only this run's commit records count
         try:
             out._write_manifest()
         except (PermissionError, OSError) as e:
             raise ConfigError(f"--out {url}: cannot write there ({type(e).__name__}: {e}); choose a writable "
                               f"directory or bucket prefix") from None
+        out._collect_garbage()
         return out
 
+    def _plan(self, units: Sequence[Unit], changed: str, removed: str) -> None:
+        planned, committed = self.manifest["units"], self.manifest["committed"]
+        wanted = {u.url for u in units}
+        p = self.plan
+        for unit in units:
+            record = committed.get(unit.url)
+            if unit.url not in planned:
+                p.new.append(unit.url)
+            elif record is not None and record.get("signature", unit.signature) != unit.signature:
+                p.changed.append(unit.url)
+        p.removed = sorted(u for u in committed if u not in wanted)
+        if p.changed and changed == "refuse":
+            raise ConfigError(
+                f"{len(p.changed)} committed input units changed since they were tokenized "
+                f"({list_some(p.changed)}): their rows would be stale. Re-run with --changed-inputs redo to re-tokenize them "
+                f"(each part is replaced atomically), or restore the inputs")
+        if p.removed and removed == "refuse":
+            raise ConfigError(
+                f"{len(p.removed)} committed input units are no longer among the inputs ({list_some(p.removed)}): re-run "
+                f"with --removed-inputs keep to keep their rows, or --removed-inputs drop to drop them (a clean run "
+                f"over the inputs you gave would not have them)")
+        if removed == "drop":
+            for u in p.removed:
+                del committed[u]
+                planned.pop(u, None)
+            p.dropped = p.removed
+        else:
+            p.kept = p.removed
+        self.redo = set(p.changed)  # their old parts are read until the new ones are committed
+        next_part = max(planned.values(), default=-1) + 1
+        for unit in units:  # sorted on the driver; new units take the next free part numbers
+            if unit.url not in planned:
+                planned[unit.url] = next_part
+                next_part += 1
+
     def pending(self, units: Sequence[Unit]) -> list[tuple[Unit, int]]:
+        """The units still to tokenize (not committed, or changed since), with their part numbers."""
         committed = self.manifest["committed"]
-        return [(u, self.manifest["units"][u.url]) for u in units if u.url not in committed]
+        return [(u, self.manifest["units"][u.url]) for u in units if u.url not in committed or u.url in self.redo]
 
     @property
     def committed(self) -> dict:
         return self.manifest["committed"]
 
+    @property
+    def rows(self) -> int:
+        return sum(c["rows"] for c in self.committed.values())
+
+    @property
+    def failures(self) -> int:
+        return sum(c["failures"] for c in self.committed.values())
+
     # --- committing ---------------------------------------------------------------------------
     def commit(self, unit: Unit, index: int, table: pa.Table, failures: Sequence[Failure]) -> dict:
-        """Write one unit's part and error records, then record the commit. Returns its record."""
-        name = part_name(index)
+        """Write one unit's part and error records, then its commit record: O(1) bytes per unit.
+        Returns the record."""
+        self.lease.check()
+        name = part_name(index, self.lease.run)
         data = parquet_bytes(table)
         self._put(name, data)
-        errors_name = f"{ERRORS_DIR}/{name.removesuffix('.parquet')}.jsonl"
         if failures:
             lines = "".join(json.dumps({"key": f.key, "unit": f.unit, "reason": f.reason}) + "\n" for f in failures)
-            self._put(errors_name, lines.encode())
-        elif self.fs.exists(f"{self.root}/{errors_name}"):  # left by an earlier attempt that failed differently
-            self.fs.rm_file(f"{self.root}/{errors_name}")
+            self._put(errors_name(name), lines.encode())
+        seq = self.manifest["seq"] + len(self.records) + 1
         record = {"part": name, "rows": table.num_rows, "bytes": len(data), "sha256": sha256(data),
-                  "failures": len(failures), "committed": time.time()}
-        self.manifest["committed"][unit.url] = record
-        self._write_manifest()
+                  "failures": len(failures), "signature": unit.signature, "committed": time.time(), "seq": seq}
+        self.lease.check()
+        record_name = f"{COMMITS_DIR}/{seq:012d}-{self.lease.run}.json"
+        self._put(record_name, json.dumps({"unit": unit.url, **record}, sort_keys=True).encode())  # the commit point
+        self.records.append(record_name)
+        self.committed[unit.url] = record
+        if len(self.records) >= max(COMPACT_AT, len(self.committed) - len(self.records)):
+            self.compact()  # geometric spacing: O(1) amortized bytes per commit
         return record
+
+    def compact(self) -> None:
+        """Fold this run's commit records into the manifest (one atomic write), then delete them."""
+        self.lease.check()
+        self.manifest["seq"] += len(self.records)
+        self._write_manifest()
+        for name in self.records:
+            self.fs.rm_file(f"{self.root}/{name}")
+        self.records = []
+
+    def close(self) -> None:
+        """Compact, delete what no reader takes any more (replaced and orphan parts, other runs'
+        records), and release the lease."""
+        try:
+            if not self.lease.lost:
+                self.compact()
+                self._collect_garbage()
+        finally:
+            self.lease.release()
+
+    def __enter__(self) -> "TokenWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def write_config(self, config: dict) -> None:
         """The run's resolved options, saved beside the dataset as _tokenize_config.json (the
@@ -234,9 +415,29 @@ class TokenWriter:
 
     def _write_manifest(self) -> None:
         self.manifest["updated"] = time.time()
-        self.manifest["rows"] = sum(c["rows"] for c in self.manifest["committed"].values())
-        self.manifest["failures"] = sum(c["failures"] for c in self.manifest["committed"].values())
+        self.manifest["rows"] = self.rows
+        self.manifest["failures"] = self.failures
         self._put(MANIFEST, (json.dumps(self.manifest, indent=1, sort_keys=True) + "\n").encode())
+
+    def _collect_garbage(self) -> None:
+        """Parts, error files and commit records that no reader takes: replaced or orphan parts (a
+        crashed or fenced-out run's), folded or foreign records, staging leftovers."""
+        live = {c["part"] for c in self.committed.values()}
+        live_errors = {errors_name(p) for p in live}
+        for path in _ls(self.fs, self.root):
+            name = path.rsplit("/", 1)[-1]
+            if name.startswith("part-") and name.endswith(".parquet") and name not in live:
+                self.fs.rm_file(path)
+        for path in _ls(self.fs, f"{self.root}/{ERRORS_DIR}"):
+            if f"{ERRORS_DIR}/{path.rsplit('/', 1)[-1]}" not in live_errors:
+                self.fs.rm_file(path)
+        mine = set(self.records)
+        for path in _ls(self.fs, f"{self.root}/{COMMITS_DIR}"):
+            if f"{COMMITS_DIR}/{path.rsplit('/', 1)[-1]}" not in mine:
+                self.fs.rm_file(path)
+        if self.local:
+            for path in _ls(self.fs, f"{self.root}/{STAGING_DIR}"):
+                self.fs.rm_file(path)
 
     def _put(self, name: str, data: bytes) -> None:
         """Make `root/name` hold `data`, all at once: staging + rename locally, one PUT elsewhere."""
@@ -255,6 +456,23 @@ class TokenWriter:
             self.fs.pipe_file(final, data)
 
 
+def errors_name(part: str) -> str:
+    return f"{ERRORS_DIR}/{part.removesuffix('.parquet')}.jsonl"
+
+
+def _ls(fs, path: str) -> list[str]:
+    """The files directly under path (none if it does not exist), fresh from the store."""
+    fs.invalidate_cache(path)
+    try:
+        return [e["name"] for e in fs.ls(path, detail=True) if e.get("type") == "file"]
+    except FileNotFoundError:
+        return []
+
+
+def list_some(urls: list[str], n: int = 3) -> str:
+    return ", ".join(urls[:n]) + (f" and {len(urls) - n} more" if len(urls) > n else "")
+
+
 def _refuse_foreign_contents(fs, root: str, url: str) -> None:
     """A new dataset goes into a missing or empty location, or one holding only our own entries."""
     try:
@@ -268,7 +486,6 @@ def _refuse_foreign_contents(fs, root: str, url: str) -> None:
             f"--out {url} exists and holds other files ({', '.join(sorted(foreign)[:5])}): give an empty or new "
             f"directory for the token dataset"
         )
-
 
 # ---------------------------------------------------------------------------------------------
 # Reading
@@ -324,17 +541,20 @@ class _DescribedByMetadata:
 
 
 class TokenDataset(_DescribedByMetadata):
-    """A committed token dataset, read with plain pyarrow. Only parts recorded in _manifest.json
-    are read: an orphan part from a crashed run is invisible."""
+    """A committed token dataset, read with plain pyarrow. Only committed parts are read (the
+    manifest plus the commit records of the run writing it, see read_committed): an orphan part
+    from a crashed run is invisible. Parts are in the order of their input units' URLs, which is
+    the order a clean run over the same inputs writes, whatever the dataset's history."""
 
     def __init__(self, path: str, *, storage_options: dict | None = None):
         self.path = str(path).rstrip("/")
         self.fs, self.root = fsspec.core.url_to_fs(self.path, **(storage_options or {}))
-        manifest = read_manifest(self.fs, self.root)
-        if manifest is None:
+        state = read_committed(self.fs, self.root)
+        if state is None:
             raise FileNotFoundError(
                 f"{path} is not a token dataset: no {MANIFEST} (write one with `vqtok tokenize --out {path}`)"
             )
+        manifest, committed = state
         if manifest.get("format") != FORMAT:
             raise DataError(f"{path}/{MANIFEST}: format {manifest.get('format')!r}, expected {FORMAT!r}")
         if manifest.get("schema_version", 0) > SCHEMA_VERSION:
@@ -342,13 +562,13 @@ class TokenDataset(_DescribedByMetadata):
                              f"({SCHEMA_VERSION}); upgrade vqtok")
         self.manifest = manifest
         self.metadata: dict = manifest["metadata"]
-        committed = manifest.get("committed", {})
+        self.committed: dict[str, dict] = committed  # unit URL -> its commit record
         protocol = self.fs.protocol if isinstance(self.fs.protocol, str) else self.fs.protocol[0]
         prefix = "" if protocol in ("file", "local") else f"{protocol}://"
         self.parts = sorted(
             (Part(c["part"], unit, c["rows"], c["bytes"], c["sha256"], f"{prefix}{self.root}/{c['part']}")
              for unit, c in committed.items()),
-            key=lambda p: p.name,
+            key=lambda p: p.unit,
         )
 
     # --- what it holds ------------------------------------------------------------------------
@@ -371,7 +591,7 @@ class TokenDataset(_DescribedByMetadata):
 
     @property
     def failures(self) -> int:
-        return int(sum(c.get("failures", 0) for c in self.manifest.get("committed", {}).values()))
+        return int(sum(c.get("failures", 0) for c in self.committed.values()))
 
     def files(self) -> list[str]:
         """Full paths (as the filesystem names them) of the committed parts, in part order."""

@@ -142,8 +142,10 @@ def shards(tmp_path_factory, fmnist) -> Path:
 
 
 def part_hashes(out: Path) -> dict:
-    m = json.loads((out / "_manifest.json").read_text())
-    return {u: (c["part"], c["sha256"], c["rows"]) for u, c in m["committed"].items()}
+    """unit -> (part number, sha256, rows) of each committed part (names also carry the run id)."""
+    from vqtok.pipeline.token_dataset import TokenDataset
+
+    return {p.unit: (p.name.split("-")[1], p.sha256, p.rows) for p in TokenDataset(out).parts}
 
 
 

@@ -44,12 +44,12 @@ def write_token_dataset(out: Path, tokenizer: Path, n_parts: int, record_locatio
     meta = dataset_metadata(codebook_size=tok.config.codebook_size, tokenizer_id=tok.id, grid=tok.grid,
                             preprocess=tok.preprocess.to_dict(), vqtok_version="test")
     units = [Unit(url=f"mem://unit-{i:03d}", kind="tar") for i in range(n_parts)]
-    output = TokenWriter.open(str(out), meta, units, tokenizer_location=str(tokenizer) if record_location else None)
-    for unit, index in output.pending(units):
-        sl = slice(index * ROWS_PER_PART, (index + 1) * ROWS_PER_PART)
-        grids = grids_all[sl]
-        keys = [f"img{i:06d}" for i in range(sl.start, sl.stop)]
-        output.commit(unit, index, part_table(meta, keys, grids, [int(x) for x in labels[sl]], unit.url), [])
+    with TokenWriter.open(str(out), meta, units, tokenizer_location=str(tokenizer) if record_location else None) as output:
+        for unit, index in output.pending(units):
+            sl = slice(index * ROWS_PER_PART, (index + 1) * ROWS_PER_PART)
+            grids = grids_all[sl]
+            keys = [f"img{i:06d}" for i in range(sl.start, sl.stop)]
+            output.commit(unit, index, part_table(meta, keys, grids, [int(x) for x in labels[sl]], unit.url), [])
     return out
 
 
@@ -145,8 +145,9 @@ def test_datasets_from_different_tokenizers_are_refused(tmp_path, tokens):
     import shutil
 
     shutil.copytree(tokens, mixed)
-    shutil.copy(other_ds / "part-000000.parquet", mixed / "part-000002.parquet")
-    with pytest.raises(DataError, match="part .*part-000002.parquet was made by tokenizer"):
+    victim = TokenDataset(mixed).parts[2].name
+    shutil.copy(TokenDataset(other_ds).files()[0], mixed / victim)
+    with pytest.raises(DataError, match=f"part .*{victim} was made by tokenizer"):
         TokenCorpus([str(mixed)])
     r = run_cli("train-prior", "--tokens", str(mixed), "--out", str(tmp_path / "p"), "--steps", "5", timeout=120)
     assert r.returncode == 2 and "mixes tokenizers" in r.stderr, r.stderr[-2000:]
