@@ -113,6 +113,28 @@ def test_dead_codes_are_restarted_from_encoder_outputs():
     assert torch.allclose(vq.ema_sum[4:], restarted)
 
 
+def test_restarts_leave_live_codes_alone():
+    """The restart step re-seeds only the dead codes: the live ones (and their EMA statistics) are
+    exactly what the same training steps give without restarts."""
+    k, d, window = 8, 4, 3
+    vq = VectorQuantizer(codebook_size=k, dim=d, kmeans_init=False, restart_window=window)
+    far = torch.full((d,), 1e4)
+    vq.codebook[4:] = far  # codes 4..7 are never nearest: dead after `window` steps
+    vq.ema_sum[4:] = far
+    twin = VectorQuantizer(codebook_size=k, dim=d, kmeans_init=False, restart_window=0)  # never restarts
+    twin.load_state_dict({n: b for n, b in vq.state_dict().items() if n != "usage_ring"}, strict=False)
+    vq.train()
+    twin.train()
+    for _ in range(window):
+        z = torch.randn(1, d, 8, 8)
+        vq(z)
+        twin(z)
+    assert (vq.usage_ring.sum(0)[:4] > 0).all(), "codes 0..3 should be live"
+    assert not torch.equal(vq.codebook[4:], twin.codebook[4:]), "the dead codes were not restarted"
+    for name in ("codebook", "ema_sum", "ema_count"):
+        assert torch.equal(getattr(vq, name)[:4], getattr(twin, name)[:4]), f"a restart changed live {name}"
+
+
 def test_kmeans_initialisation_from_the_first_batch():
     centers = torch.tensor([[5.0, 5.0], [-5.0, 5.0], [5.0, -5.0], [-5.0, -5.0]])
     data = centers.repeat(50, 1) + 0.1 * torch.randn(200, 2)
