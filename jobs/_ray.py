@@ -213,6 +213,14 @@ def check_resources(ray, *, workers: int, gpus_per_worker: float, cpus_per_worke
     own besides the encoders). Compared with the cluster's current total resources: an
     autoscaling cluster that could grow is refused too."""
     total = ray.cluster_resources()
+    if gpus_per_worker > 0:
+        have = total.get("GPU", 0)
+        need = workers * gpus_per_worker
+        if need > have:
+            raise ConfigError(
+                f"--workers {workers} x --gpus-per-worker {gpus_per_worker} needs {need:g} GPUs but the Ray cluster "
+                f"has {have:g}: lower --workers, or pass --gpus-per-worker 0 to run on CPU"
+            )
     if cpus_per_worker is not None:
         have = total.get("CPU", 0)
         need = workers * cpus_per_worker + decode_cpus
@@ -225,12 +233,4 @@ def check_resources(ray, *, workers: int, gpus_per_worker: float, cpus_per_worke
             raise ConfigError(
                 f"--workers {workers} needs {need:g} CPUs ({cpus_per_worker:g} per worker{plus}) but the Ray "
                 f"cluster has {have:g}: {fix}"
-            )
-    if gpus_per_worker > 0:
-        have = total.get("GPU", 0)
-        need = workers * gpus_per_worker
-        if need > have:
-            raise ConfigError(
-                f"--workers {workers} x --gpus-per-worker {gpus_per_worker} needs {need:g} GPUs but the Ray cluster "
-                f"has {have:g}: lower --workers, or pass --gpus-per-worker 0 to run on CPU"
             )

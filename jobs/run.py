@@ -158,13 +158,15 @@ class Pipeline:
             return _finished(c.path("train") / "metrics.json", c.stage_config("train").steps)
         if stage == "tokenize":
             from ..pipeline.sources import list_units
-            from ..pipeline.token_dataset import MANIFEST
+            from ..pipeline.token_dataset import TokenDataset
 
-            manifest = c.path("tokenize") / MANIFEST
-            if not manifest.is_file():
+            try:
+                committed = TokenDataset(c.path("tokenize")).committed
+            except FileNotFoundError:
                 return False
-            committed = json.loads(manifest.read_text()).get("committed", {})
-            return all(u.url in committed for u in list_units(c._inputs()))
+            # done when every input unit is committed as it is now (an input changed since is not)
+            return all(u.url in committed and committed[u.url].get("signature", u.signature) == u.signature
+                       for u in list_units(c._inputs()))
         if stage == "train-prior":
             return _finished(c.path("train-prior") / "metrics.json", c.stage_config("train-prior").steps)
         if stage == "sample":

@@ -21,7 +21,7 @@ from ..models.bundle import read_bundle, vqtok_version
 from ..models.config import Config, ConfigError, option
 from ..models.tokenizer import Tokenizer
 from ..pipeline.errors import DataError
-from ..pipeline.sources import DEFAULT_MAX_PIXELS, Failure, list_units, split_patterns
+from ..pipeline.sources import DEFAULT_MAX_PIXELS, FOLDER_UNIT_SIZE, Failure, list_units, split_patterns
 from ..pipeline.stages import BatchEncoder, UnitAssembler, read_units, unit_to_json
 from ..pipeline.lease import DEFAULT_TTL
 from ..pipeline.token_dataset import (CHANGED, ERRORS_DIR, REMOVED, Plan, TokenWriter, dataset_metadata, list_some,
@@ -41,11 +41,13 @@ class TokenizeConfig(Config):
     workers: int = option(1, "encoder actors")
     gpus_per_worker: float = option(0.0, "GPUs per encoder actor (0: CPU)")
     cpus_per_worker: float | None = option(None, "Ray CPUs each encoder reserves (default 1 with a GPU, 0.5 without)")
-    threads_per_worker: int = option(0, "torch threads per CPU encoder (0: this machine's cores / workers)")
+    threads_per_worker: int = option(0, "torch threads per CPU encoder (0: the encoder's node's CPUs / workers)")
     address: str | None = option(None, "Ray cluster: HOST:PORT, ray://HOST:PORT or auto (default: RAY_ADDRESS if set, "
                                        "else an embedded local Ray)")
     max_failure_fraction: float = option(0.1, "fail when more of the input images than this are bad")
     max_image_pixels: int = option(DEFAULT_MAX_PIXELS, "refuse larger images as decompression bombs")
+    folder_unit_size: int = option(FOLDER_UNIT_SIZE, "image folders: files per unit on average (units are cut where "
+                                                     "a file's path hashes to 0 mod this, so adding files moves none)")
     changed_inputs: str = option("redo", "committed inputs that changed since (size, mtime/ETag, a folder unit's "
                                          "files): redo (re-tokenize, replacing their parts) or refuse")
     removed_inputs: str = option("refuse", "committed inputs no longer given: refuse (stop, naming them), keep (their "
@@ -63,7 +65,7 @@ class TokenizeConfig(Config):
             raise ConfigError("--data is required: input paths or URL patterns (e.g. shards/train-{000..009}.tar)")
         if not self.out:
             raise ConfigError("--out is required: where the token dataset goes (a directory or s3://bucket/prefix)")
-        for name, low in (("batch_size", 1), ("workers", 1)):
+        for name, low in (("batch_size", 1), ("workers", 1), ("folder_unit_size", 1)):
             if getattr(self, name) < low:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least {low}")
         if self.gpus_per_worker < 0:
@@ -117,7 +119,7 @@ def run(cfg: TokenizeConfig) -> TokenizeResult:
         raise ConfigError(f"--tokenizer {cfg.tokenizer}: {e}") from None
     meta = dataset_metadata(codebook_size=tok.config.codebook_size, tokenizer_id=tok.id, grid=tok.grid,
                             preprocess=tok.preprocess.to_dict(), vqtok_version=vqtok_version())
-    units = list_units(cfg.data)
+    units = list_units(cfg.data, folder_unit_size=cfg.folder_unit_size)
     location = cfg.tokenizer if "://" in cfg.tokenizer else os.path.abspath(cfg.tokenizer)
     with TokenWriter.open(cfg.out, meta, units, tokenizer_location=location, changed=cfg.changed_inputs,
                           removed=cfg.removed_inputs, lease_seconds=cfg.lease_seconds) as output:
@@ -145,10 +147,10 @@ def run(cfg: TokenizeConfig) -> TokenizeResult:
 
 def _stream(cfg, bundle, tok, meta, output: TokenWriter, pending, say) -> tuple[int, list[Failure], float]:
     ray = init_ray(cfg.address)
-    check_resources(ray, workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker)
     on_gpu = cfg.gpus_per_worker > 0
-    threads = 0 if on_gpu else (cfg.threads_per_worker or max(1, (os.cpu_count() or 1) // cfg.workers))
+    threads = 0 if on_gpu else cfg.threads_per_worker  # 0: each encoder sizes it on its own node
     cpus = cfg.cpus_per_worker or (1.0 if on_gpu else 0.5)
+    check_resources(ray, workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker, cpus_per_worker=cpus, decode_cpus=1)
     ds = ray.data.from_items([{"unit": unit_to_json(u), "part_index": i} for u, i in pending],
                              override_num_blocks=len(pending))
     # decoding reserves a whole CPU, the encoders less: the different resource shapes also keep Ray
@@ -160,7 +162,8 @@ def _stream(cfg, bundle, tok, meta, output: TokenWriter, pending, say) -> tuple[
                         compute=ray.data.ActorPoolStrategy(size=cfg.workers),
                         num_cpus=cpus, num_gpus=cfg.gpus_per_worker or None,
                         fn_constructor_kwargs=dict(bundle=_StoredBundle(ray.put(bundle)), batch_size=cfg.batch_size,
-                                                   device="cuda" if on_gpu else "cpu", threads=threads))
+                                                   device="cuda" if on_gpu else "cpu", threads=threads,
+                                                   workers=cfg.workers))
     unit_of = {i: u for u, i in pending}  # part index -> unit
     assembler = UnitAssembler()
     done_units, images, examples = 0, 0, []
@@ -171,7 +174,7 @@ def _stream(cfg, bundle, tok, meta, output: TokenWriter, pending, say) -> tuple[
             # the encoders' columns go into the part as they are: no trip through Python lists
             table = part_table(meta, rows.column("key").combine_chunks(), rows.column("tokens").combine_chunks(),
                                rows.column("label").combine_chunks(), unit.url)
-            fails = [Failure(f["key"], f["unit"], f["reason"]) for f in failures]
+            fails = [Failure(**f) for f in failures]
             output.commit(unit, part_index, table, fails)
             done_units += 1
             images += table.num_rows
@@ -211,6 +214,13 @@ def _progress(done: int, total: int, images: int, elapsed: float, output: TokenW
 
 
 def _check_failures(output: TokenWriter, cfg: TokenizeConfig, final: bool) -> None:
+    damaged, units = output.damaged_units, len(output.committed)
+    if units and (final or units >= 20) and damaged / units > cfg.max_failure_fraction:
+        raise DataError(
+            f"{damaged} of {units} input units are damaged (cut short or unreadable: how many images they lost "
+            f"is unknown; see {cfg.out}/{ERRORS_DIR}/), more than --max-failure-fraction {cfg.max_failure_fraction}. "
+            f"Replace the damaged inputs (a re-run redoes a unit whose file changed), or raise --max-failure-fraction"
+        )
     failed = output.failures  # totals over every committed unit
     seen = failed + output.rows
     if not seen or (not final and seen < 1000):

@@ -51,7 +51,7 @@ import os
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import fsspec
 import numpy as np
@@ -61,7 +61,7 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .errors import ConfigError, DataError
 from .lease import DEFAULT_TTL, Lease
-from .sources import Failure, Unit
+from .sources import Failure, Unit, is_unit_failure
 
 SCHEMA_VERSION = 1  # of the parts
 MANIFEST_VERSION = 2  # 2: commit records in _commits/, folded into the manifest (1: manifest rewritten per commit)
@@ -360,6 +360,11 @@ class TokenWriter:
     def failures(self) -> int:
         return sum(c["failures"] for c in self.committed.values())
 
+    @property
+    def damaged_units(self) -> int:
+        """Committed units whose input was cut short or unreadable (see sources.is_unit_failure)."""
+        return sum(bool(c.get("damaged")) for c in self.committed.values())
+
     # --- committing ---------------------------------------------------------------------------
     def commit(self, unit: Unit, index: int, table: pa.Table, failures: Sequence[Failure]) -> dict:
         """Write one unit's part and error records, then its commit record: O(1) bytes per unit.
@@ -369,11 +374,12 @@ class TokenWriter:
         data = parquet_bytes(table)
         self._put(name, data)
         if failures:
-            lines = "".join(json.dumps({"key": f.key, "unit": f.unit, "reason": f.reason}) + "\n" for f in failures)
+            lines = "".join(json.dumps(asdict(f)) + "\n" for f in failures)
             self._put(errors_name(name), lines.encode())
         seq = self.manifest["seq"] + len(self.records) + 1
         record = {"part": name, "rows": table.num_rows, "bytes": len(data), "sha256": sha256(data),
-                  "failures": len(failures), "signature": unit.signature, "committed": time.time(), "seq": seq}
+                  "failures": len(failures), "damaged": any(is_unit_failure(f) for f in failures),
+                  "signature": unit.signature, "committed": time.time(), "seq": seq}
         self.lease.check()
         record_name = f"{COMMITS_DIR}/{seq:012d}-{self.lease.run}.json"
         self._put(record_name, json.dumps({"unit": unit.url, **record}, sort_keys=True).encode())  # the commit point

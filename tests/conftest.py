@@ -141,6 +141,16 @@ def shards(tmp_path_factory, fmnist) -> Path:
     return folder
 
 
+@pytest.fixture(scope="module")
+def ray_local():
+    """One embedded Ray for a test module's in-process runs."""
+    from vqtok.jobs._ray import init_ray
+
+    ray = init_ray(None)
+    yield ray
+    ray.shutdown()
+
+
 def part_hashes(out: Path) -> dict:
     """unit -> (part number, sha256, rows) of each committed part (names also carry the run id)."""
     from vqtok.pipeline.token_dataset import TokenDataset

@@ -22,15 +22,6 @@ from vqtok import ConfigError, DataError, TokenDataset, Tokenizer, tokenize
 from vqtok.pipeline import token_dataset as plan
 
 
-@pytest.fixture(scope="module")
-def ray_local():
-    from vqtok.jobs._ray import init_ray
-
-    ray = init_ray(None)
-    yield ray
-    ray.shutdown()
-
-
 def expected_rows(bundle: Path, images, labels, n_shards: int, batch: int):
     """What tokenization must give: Tokenizer.encode over each unit's images, in stored order."""
     tok = Tokenizer.load(bundle)
@@ -193,7 +184,7 @@ def test_corrupt_inputs_are_skipped_counted_and_recorded(tmp_path, bundle, fmnis
     assert 0 < len(b_keys) < 30 and b_keys == [f"t{i}" for i in range(len(b_keys))]
 
     records = [json.loads(line) for f in sorted((out / "_errors").glob("*.jsonl")) for line in f.read_text().splitlines()]
-    assert len(records) == 7 and all(set(r) == {"key", "unit", "reason"} for r in records)
+    assert len(records) == 7 and all(set(r) == {"key", "unit", "reason", "unit_damaged"} for r in records)
     reasons = {r["key"]: r["reason"] for r in records}
     assert "zero-byte" in reasons["empty"] and "not an image" in reasons["text"]
     assert "decompression bomb" in reasons["bomb"] and "truncated" in reasons["trunc"]
@@ -201,6 +192,18 @@ def test_corrupt_inputs_are_skipped_counted_and_recorded(tmp_path, bundle, fmnis
 
     with pytest.raises(DataError, match="max-failure-fraction 0.1"):
         tokenize(bundle, str(data), tmp_path / "strict", max_failure_fraction=0.1, verbose=False)
+
+
+def test_a_cut_short_shard_counts_against_the_failure_fraction_as_a_damaged_unit(tmp_path, bundle, fmnist, ray_local):
+    images, labels = fmnist
+    data = tmp_path / "data"
+    write_shards(data, images, labels, 3)
+    shard = data / "shard-0001.tar"
+    shard.write_bytes(shard.read_bytes()[: 30 * 1024])  # most of its images are lost; one Failure records it
+    with pytest.raises(DataError, match=r"1 of 3 input units are damaged .*--max-failure-fraction 0.1"):
+        tokenize(bundle, str(data), tmp_path / "tokens", max_failure_fraction=0.1, verbose=False)
+    r = tokenize(bundle, str(data), tmp_path / "lenient", max_failure_fraction=0.5, verbose=False)
+    assert r.failures == 1 and TokenDataset(tmp_path / "lenient").committed[str(shard)]["damaged"]
 
 
 def _jpeg(arr) -> bytes:
