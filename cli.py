@@ -21,12 +21,17 @@ class InspectOptions(Config):
     path: str = option(help="token dataset directory or URL (the --out of vqtok tokenize)", positional=True)
     rows: int = option(5, "rows to show")
     verify: bool = option(False, "re-hash every part against the manifest")
+    files: bool = option(False, "print only the committed parts' URLs, one per line: what readers outside vqtok "
+                                "(pyarrow, Ray Data, Hugging Face datasets) should read")
 
 
 def inspect(opts: InspectOptions) -> int:
     from .pipeline.token_dataset import TokenDataset
 
     ds = TokenDataset(opts.path)
+    if opts.files:
+        print("\n".join(ds.urls()))
+        return 0
     print(ds.describe(rows=opts.rows))
     if opts.verify:
         problems = ds.verify()

@@ -600,8 +600,14 @@ class TokenDataset(_DescribedByMetadata):
         return int(sum(c.get("failures", 0) for c in self.committed.values()))
 
     def files(self) -> list[str]:
-        """Full paths (as the filesystem names them) of the committed parts, in part order."""
+        """Full paths (as the filesystem names them) of the committed parts, in order."""
         return [f"{self.root}/{p.name}" for p in self.parts]
+
+    def urls(self) -> list[str]:
+        """The committed parts' URLs (s3://... on object stores), in order: the list to hand a reader
+        outside vqtok (`ray.data.read_parquet(urls)`, `datasets.load_dataset("parquet",
+        data_files=urls)`), which would otherwise also take a crashed run's orphan part."""
+        return [p.url for p in self.parts]
 
     def __repr__(self) -> str:
         return (f"TokenDataset({self.path!r}: {self.num_rows} rows in {len(self.parts)} parts, grid {self.grid}, "

@@ -308,15 +308,35 @@ def test_parquet_and_idx_inputs_changed_or_added_give_the_clean_dataset(tmp_path
 # ----------------------------------------------------------------------------------------------
 # Readers outside vqtok: the committed-parts listing, with a crashed run's orphan part present
 # ----------------------------------------------------------------------------------------------
-def test_ray_data_reads_exactly_the_committed_rows_from_the_listing(tmp_path, ray_local):
+@pytest.fixture
+def dataset_with_orphan(tmp_path) -> Path:
     m, us = meta(), units(3)
     write(tmp_path, m, us)
     orphan = tmp_path / td.part_name(7, "deadbeef")
     shutil.copy(TokenDataset(tmp_path).files()[0], orphan)  # a valid Parquet file nobody committed
-    ds = TokenDataset(tmp_path)
+    return tmp_path
+
+
+def test_ray_data_reads_exactly_the_committed_rows_from_the_listing(dataset_with_orphan, ray_local):
     import ray
 
-    got = ray.data.read_parquet(ds.files()).to_arrow_refs()
-    table = pa.concat_tables(ray.get(got))
+    ds = TokenDataset(dataset_with_orphan)
+    table = pa.concat_tables(ray.get(ray.data.read_parquet(ds.urls()).to_arrow_refs()))
     assert table.num_rows == ds.num_rows == 9
     assert sorted(table.column("key").to_pylist()) == sorted(ds.to_table().column("key").to_pylist())
+    # the directory itself would also take the orphan
+    assert ray.data.read_parquet(str(dataset_with_orphan)).count() == 12
+
+
+def test_hugging_face_datasets_reads_exactly_the_committed_rows_from_the_listing(dataset_with_orphan, tmp_path_factory):
+    import datasets
+
+    cli = subprocess.run([str(Path(sys.executable).with_name("vqtok")), "inspect", str(dataset_with_orphan), "--files"],
+                         capture_output=True, text=True, check=True)
+    files = cli.stdout.split()
+    assert files == TokenDataset(dataset_with_orphan).urls() and len(files) == 3
+    hf = datasets.load_dataset("parquet", data_files=files, split="train",
+                               cache_dir=str(tmp_path_factory.mktemp("hf-cache")))
+    ours = TokenDataset(dataset_with_orphan).to_table()
+    assert hf.num_rows == 9 and hf["key"] == ours.column("key").to_pylist()
+    assert hf["tokens"] == ours.column("tokens").to_pylist()
