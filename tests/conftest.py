@@ -4,6 +4,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import signal
 import subprocess
 import sys
 import tarfile
@@ -158,6 +159,48 @@ def part_hashes(out: Path) -> dict:
     return {p.unit: (p.name.split("-")[1], p.sha256, p.rows) for p in TokenDataset(out).parts}
 
 
+# ----------------------------------------------------------------------------------------------
+# Kills: a corpus big enough to kill a job in the middle of, its clean run, a job as a process
+# ----------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def many_shards(tmp_path_factory, fmnist) -> Path:
+    images, labels = fmnist
+    folder = tmp_path_factory.mktemp("many")
+    write_shards(folder, images, labels, 20, per=500)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def clean_run(tmp_path_factory, bundle, many_shards) -> Path:
+    out = tmp_path_factory.mktemp("clean") / "tokens"
+    r = run_cli("tokenize", "--tokenizer", str(bundle), "--data", str(many_shards), "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def start_tokenize(bundle, data, out, *extra) -> subprocess.Popen:
+    exe = Path(sys.executable).with_name("vqtok")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([str(exe), "tokenize", "--tokenizer", str(bundle), "--data", str(data), "--out", str(out),
+                             "--progress-seconds", "1", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=env, start_new_session=True)
+
+
+def committed(out: Path) -> int:
+    from vqtok import DataError, TokenDataset
+
+    try:
+        return len(TokenDataset(out).parts)
+    except (FileNotFoundError, DataError):
+        return 0
+
+
+def kill_group(p: subprocess.Popen) -> None:
+    """Ray agents started by a SIGKILLed driver outlive it; clear them from the process group."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,8 +6,6 @@ as a user's command does.
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,8 +14,8 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import (PER_SHARD, make_bundle, part_hashes, pids_with, png_bomb_header, png_bytes, run_cli, wait_for,
-                      write_shards, write_tar)
+from conftest import (PER_SHARD, committed, kill_group, make_bundle, part_hashes, pids_with, png_bomb_header, png_bytes,
+                      run_cli, start_tokenize, wait_for, write_shards, write_tar)
 from vqtok import ConfigError, DataError, TokenDataset, Tokenizer, tokenize
 from vqtok.pipeline import token_dataset as plan
 
@@ -255,45 +253,6 @@ def test_cli_tokenize_then_inspect(tmp_path, bundle, shards):
 # ----------------------------------------------------------------------------------------------
 # Kills: the driver, then an encoder actor. Real processes, real SIGKILL.
 # ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
-def many_shards(tmp_path_factory, fmnist) -> Path:
-    images, labels = fmnist
-    folder = tmp_path_factory.mktemp("many")
-    write_shards(folder, images, labels, 20, per=500)
-    return folder
-
-
-@pytest.fixture(scope="session")
-def clean_run(tmp_path_factory, bundle, many_shards) -> Path:
-    out = tmp_path_factory.mktemp("clean") / "tokens"
-    r = run_cli("tokenize", "--tokenizer", str(bundle), "--data", str(many_shards), "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    return out
-
-
-def start_tokenize(bundle, data, out, *extra) -> subprocess.Popen:
-    exe = Path(sys.executable).with_name("vqtok")
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([str(exe), "tokenize", "--tokenizer", str(bundle), "--data", str(data), "--out", str(out),
-                             "--progress-seconds", "1", *extra], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, env=env, start_new_session=True)
-
-
-def committed(out: Path) -> int:
-    try:
-        return len(TokenDataset(out).parts)
-    except (FileNotFoundError, DataError):
-        return 0
-
-
-def kill_group(p: subprocess.Popen) -> None:
-    """Ray agents started by a SIGKILLed driver outlive it; clear them from the process group."""
-    try:
-        os.killpg(p.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 @pytest.mark.slow
 def test_driver_killed_mid_job_then_rerun_gives_the_clean_dataset(tmp_path, bundle, many_shards, clean_run):
     out = tmp_path / "tokens"
