@@ -180,10 +180,14 @@ def read_committed(fs, root: str) -> tuple[dict, dict[str, dict]] | None:
             return None
         committed = dict(manifest.get("committed", {}))
         folded, run = manifest.get("seq", 0), manifest.get("run")
-        try:
-            records = [json.loads(fs.cat_file(n)) for n in names if _record_counts(n, folded, run)]
-        except FileNotFoundError:
+        wanted = [n for n in names if _record_counts(n, folded, run)]
+        got = fs.cat(wanted, on_error="return") if wanted else {}  # concurrent GETs on object stores
+        errors = [v for v in got.values() if isinstance(v, Exception)]
+        if any(isinstance(e, FileNotFoundError) for e in errors):
             continue
+        if errors:
+            raise errors[0]
+        records = [json.loads(v) for v in got.values()]
         for r in sorted(records, key=lambda r: r["seq"]):
             committed[r.pop("unit")] = r
         return manifest, committed
@@ -394,8 +398,7 @@ class TokenWriter:
         self.lease.check()
         self.manifest["seq"] += len(self.records)
         self._write_manifest()
-        for name in self.records:
-            self.fs.rm_file(f"{self.root}/{name}")
+        _rm(self.fs, [f"{self.root}/{name}" for name in self.records])
         self.records = []
 
     def close(self) -> None:
@@ -430,20 +433,15 @@ class TokenWriter:
         crashed or fenced-out run's), folded or foreign records, staging leftovers."""
         live = {c["part"] for c in self.committed.values()}
         live_errors = {errors_name(p) for p in live}
-        for path in _ls(self.fs, self.root):
-            name = path.rsplit("/", 1)[-1]
-            if name.startswith("part-") and name.endswith(".parquet") and name not in live:
-                self.fs.rm_file(path)
-        for path in _ls(self.fs, f"{self.root}/{ERRORS_DIR}"):
-            if f"{ERRORS_DIR}/{path.rsplit('/', 1)[-1]}" not in live_errors:
-                self.fs.rm_file(path)
+        base = lambda path: path.rsplit("/", 1)[-1]  # noqa: E731
+        garbage = [p for p in _ls(self.fs, self.root)
+                   if base(p).startswith("part-") and base(p).endswith(".parquet") and base(p) not in live]
+        garbage += [p for p in _ls(self.fs, f"{self.root}/{ERRORS_DIR}") if f"{ERRORS_DIR}/{base(p)}" not in live_errors]
         mine = set(self.records)
-        for path in _ls(self.fs, f"{self.root}/{COMMITS_DIR}"):
-            if f"{COMMITS_DIR}/{path.rsplit('/', 1)[-1]}" not in mine:
-                self.fs.rm_file(path)
+        garbage += [p for p in _ls(self.fs, f"{self.root}/{COMMITS_DIR}") if f"{COMMITS_DIR}/{base(p)}" not in mine]
         if self.local:
-            for path in _ls(self.fs, f"{self.root}/{STAGING_DIR}"):
-                self.fs.rm_file(path)
+            garbage += _ls(self.fs, f"{self.root}/{STAGING_DIR}")
+        _rm(self.fs, garbage)
 
     def _put(self, name: str, data: bytes) -> None:
         """Make `root/name` hold `data`, all at once: staging + rename locally, one PUT elsewhere."""
@@ -464,6 +462,12 @@ class TokenWriter:
 
 def errors_name(part: str) -> str:
     return f"{ERRORS_DIR}/{part.removesuffix('.parquet')}.jsonl"
+
+
+def _rm(fs, paths: list[str]) -> None:
+    """Delete files, in bulk where the store can (S3: 1,000 keys per request)."""
+    if paths:
+        fs.rm(paths)
 
 
 def _ls(fs, path: str) -> list[str]:
