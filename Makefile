@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test test-slow test-all bench-quality bench-tokenize bench-prior bench-prior-throughput clean
+.PHONY: install demo test test-slow test-all bench-quality bench-tokenize bench-prior bench-prior-throughput bench-commit clean
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,10 @@ bench-prior: $(STAMP)
 # reads the token dataset bench-prior writes
 bench-prior-throughput: $(STAMP)
 	$(BIN)/python benchmarks/prior_throughput.py
+
+# the commit protocol's cost per unit, new vs old, 100 to 20,000 units, local disk and moto S3; 20-25 minutes
+bench-commit: $(STAMP)
+	$(BIN)/python benchmarks/commit_cost.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
