@@ -456,6 +456,13 @@ class TokenWriter:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, final)
+            # the rename is durable once its directory is: a commit record that survives a power
+            # cut must not point at a part whose rename did not
+            fd = os.open(os.path.dirname(final), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         else:
             self.fs.pipe_file(final, data)
 
