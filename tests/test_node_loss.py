@@ -10,9 +10,9 @@ without limit on system failures); token blocks that lived only in the lost node
 are rebuilt from lineage ("Attempting to recover N lost objects by resubmitting their tasks");
 the encoder actors that were on it are restarted elsewhere, and the batch each was working on is
 resubmitted ("The actor is temporarily unavailable: ... The actor was restarted": Ray Data starts
-its actor pools with max_restarts=-1 and max_task_retries=-1). Nothing reaches the driver twice
-or out of order in a way that matters: the UnitAssembler keys rows by (part_index, pos), and a
-unit is committed once, whole.
+its actor pools with max_restarts=-1 and max_task_retries=-1). Should a retried task deliver a
+batch twice, the driver's UnitAssembler drops the copy (rows are keyed by (part_index, pos)), and
+a unit is committed once, whole.
 
 With a 1-CPU head the survivors cannot run the job: the two restarted encoders (0.5 CPU each)
 fill the head and the read tasks (1 CPU) wait for a CPU, so the job stalls - it does not fail -
