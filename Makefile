@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test test-slow test-all bench-quality bench-tokenize bench-prior bench-prior-throughput bench-commit clean
+.PHONY: install demo test test-slow test-all bench-quality bench-tokenize bench-prior bench-prior-throughput bench-commit bench-chaos bench-scale clean
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,14 @@ bench-prior-throughput: $(STAMP)
 # the commit protocol's cost per unit, new vs old, 100 to 20,000 units, local disk and moto S3; 20-25 minutes
 bench-commit: $(STAMP)
 	$(BIN)/python benchmarks/commit_cost.py
+
+# 100 SIGKILLs at random moments during vqtok tokenize (about 30 minutes on 2 cores)
+bench-chaos: $(STAMP)
+	$(BIN)/python benchmarks/chaos.py
+
+# 1,000,000 images in 1,000 shards; 10k vs 1M memory; a resume that reads no committed byte (about 30 minutes)
+bench-scale: $(STAMP)
+	$(BIN)/python benchmarks/scale.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
