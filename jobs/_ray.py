@@ -10,6 +10,7 @@ import re
 import socket
 import sys
 import tempfile
+import time
 
 from ..pipeline.errors import ConfigError
 
@@ -213,6 +214,10 @@ def check_resources(ray, *, workers: int, gpus_per_worker: float, cpus_per_worke
     own besides the encoders). Compared with the cluster's current total resources: an
     autoscaling cluster that could grow is refused too."""
     total = ray.cluster_resources()
+    deadline = time.time() + 15  # a node that just started may not have reported its resources yet
+    while not total.get("CPU") and time.time() < deadline:
+        time.sleep(0.2)
+        total = ray.cluster_resources()
     if gpus_per_worker > 0:
         have = total.get("GPU", 0)
         need = workers * gpus_per_worker
