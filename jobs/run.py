@@ -158,15 +158,14 @@ class Pipeline:
             return _finished(c.path("train") / "metrics.json", c.stage_config("train").steps)
         if stage == "tokenize":
             from ..pipeline.sources import list_units
-            from ..pipeline.token_dataset import TokenDataset
+            from ..pipeline.token_dataset import TokenDataset, input_changed
 
             try:
                 committed = TokenDataset(c.path("tokenize")).committed
             except FileNotFoundError:
                 return False
             # done when every input unit is committed as it is now (an input changed since is not)
-            return all(u.url in committed and committed[u.url].get("signature", u.signature) == u.signature
-                       for u in list_units(c._inputs()))
+            return all(u.url in committed and not input_changed(committed[u.url], u) for u in list_units(c._inputs()))
         if stage == "train-prior":
             return _finished(c.path("train-prior") / "metrics.json", c.stage_config("train-prior").steps)
         if stage == "sample":

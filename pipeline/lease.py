@@ -93,6 +93,8 @@ class Holder:
 class Lease:
     """Base: the holder description and the heartbeat thread; subclasses take, renew and drop."""
 
+    FREED = "if that run is dead, its lease expires {ttl:.0f} s after its last heartbeat"  # for the refusal
+
     def __init__(self, fs, root: str, url: str, ttl: float):
         self.fs, self.root, self.url, self.ttl = fs, root, url, float(ttl)
         now = time.time()
@@ -145,8 +147,7 @@ class Lease:
 
     def _refuse(self, holder: Holder | None) -> LeaseHeld:
         who = holder.describe() if holder else "a run that is still writing its description"
-        hint = ("it is released the moment that process ends" if isinstance(self, LocalLease) else
-                f"if that run is dead, its lease expires {self.ttl:.0f} s after its last heartbeat")
+        hint = self.FREED.format(ttl=self.ttl)
         return LeaseHeld(f"--out {self.url} is being written by another run: {who}. Wait for it to finish or stop "
                          f"it, or write to another --out ({hint})")
 
@@ -157,6 +158,8 @@ class Lease:
 
 
 class LocalLease(Lease):
+    FREED = "it is released the moment that process ends"
+
     def _take(self) -> None:
         import fcntl
 

@@ -194,6 +194,12 @@ def read_committed(fs, root: str) -> tuple[dict, dict[str, dict]] | None:
     raise DataError(f"{root}: the commit records kept changing while being read; try again")
 
 
+def input_changed(record: dict, unit: Unit) -> bool:
+    """Whether a committed unit's input differs from what was tokenized (its signature changed).
+    Records written before vqtok kept signatures count as unchanged."""
+    return record.get("signature", unit.signature) != unit.signature
+
+
 def _record_counts(name: str, folded: int, run: str | None) -> bool:
     """Commit records are named SEQ-RUN.json (see TokenWriter.commit)."""
     stem = name.rsplit("/", 1)[-1].removesuffix(".json")
@@ -320,7 +326,7 @@ class TokenWriter:
             record = committed.get(unit.url)
             if unit.url not in planned:
                 p.new.append(unit.url)
-            elif record is not None and record.get("signature", unit.signature) != unit.signature:
+            elif record is not None and input_changed(record, unit):
                 p.changed.append(unit.url)
         p.removed = sorted(u for u in committed if u not in wanted)
         if p.changed and changed == "refuse":
