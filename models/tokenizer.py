@@ -9,11 +9,23 @@ The bundle (models/bundle.py) is config.json (format "vqtok-tokenizer", the VQVA
 preprocessing, the grid) and model.safetensors (inference weights, codebook included). Loading
 never executes code from the bundle: JSON and safetensors only.
 
-The one preprocessing policy (Preprocess), recorded in the bundle so tokenizing later repeats it:
+The preprocessing policy (Preprocess), recorded in the bundle so tokenizing later repeats it:
+0. Decoding (POLICY, what new bundles record): a JPEG that vqtok decodes from its bytes is decoded
+   at a reduced scale (libjpeg's DCT-domain 1/2, 1/4 or 1/8, PIL's Image.draft) when that keeps its
+   shorter side at least 2 x image_size (DRAFT_MARGIN); other images, and JPEGs too small for it,
+   are decoded whole. Bundles that recorded LEGACY_POLICY (or no policy) decode every image whole.
 1. Mode: channels=1 -> grayscale ("L"), channels=3 -> RGB. Transparent pixels are composited onto
    white first; 16-bit grayscale keeps its top 8 bits; any other mode is converted by PIL.
 2. Geometry: resize so the shorter side equals image_size (bicubic), then center-crop a square.
 3. Values: uint8 [0, 255] -> float [-1, 1] (x / 127.5 - 1) for the model, and back with rounding.
+
+Why a margin of 2 (benchmarks/decode_speed.py measures it, RESULTS.md "Decode speed"): the reduced
+decode is a box-like filter, not the bicubic one. Reduced only to >= 1 x image_size, the 256 px
+output of real photographs differed from the whole decode by as little as 29.6 dB PSNR (a
+fine-textured dune photo); kept >= 2 x image_size, the bicubic resize does the last factor of 2-4
+itself and every photograph measured stayed above 43 dB, while the decode still skips 3/4 to 63/64
+of the IDCT and colour-conversion work. The same margin is where LlamaGen/ADM's center_crop_arr
+stops box-downsampling.
 """
 from __future__ import annotations
 
@@ -34,7 +46,30 @@ BUNDLE_VERSION = 1
 
 __all__ = ["Preprocess", "Tokenizer", "read_bundle", "bundle_id"]
 
-POLICY = "shorter-side-bicubic-resize+center-crop; uint8/127.5-1"
+# Every policy this vqtok can apply, and the JPEG draft margin each implies (0: decode whole). A
+# policy string, once recorded in a bundle, never changes meaning: a new behaviour is a new string.
+LEGACY_POLICY = "shorter-side-bicubic-resize+center-crop; uint8/127.5-1"
+POLICY = "jpeg-draft(>=2x)+shorter-side-bicubic-resize+center-crop; uint8/127.5-1"
+DRAFT_MARGIN = 2
+POLICIES = {LEGACY_POLICY: 0, POLICY: DRAFT_MARGIN}
+
+
+def jpeg_draft(img: Image.Image, min_side: int) -> int:
+    """Ask a JPEG whose pixels are not loaded yet to decode at 1/2, 1/4 or 1/8 scale, the largest
+    reduction that keeps both sides >= min_side (so the shorter side too); returns the reduction
+    (1: decoded whole). Anything else (not a JPEG, already loaded, too small) is left alone. The
+    mode is kept: conversion to L or RGB happens after, as for a whole decode."""
+    if img.format != "JPEG" or not img.tile or min_side <= 0:
+        return 1
+    w = img.size[0]
+    img.draft(img.mode, (min_side, min_side))
+    return w // img.size[0]
+
+
+def _unknown_policy(policy: str, where: str = "") -> ValueError:
+    known = "; ".join(repr(p) for p in POLICIES)
+    return ValueError(f"{where}unknown preprocessing policy {policy!r}: this vqtok ({vqtok_version()}) knows "
+                      f"{known}. The bundle needs a newer vqtok: upgrade it (pip install -U vqtok)")
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -48,9 +83,19 @@ class Preprocess:
             raise ValueError(f"channels={self.channels}: use 1 (grayscale) or 3 (RGB)")
         if self.image_size < 4:
             raise ValueError(f"image_size={self.image_size}: must be at least 4 pixels")
+        if self.policy not in POLICIES:
+            raise _unknown_policy(self.policy)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def draft(self, img: Image.Image) -> int:
+        """Step 0 of the policy, for an opened image whose pixels are not loaded yet (call it after
+        Image.open and any header check, before load/convert): a reduced JPEG decode where the
+        policy allows one. Returns the reduction (1, 2, 4 or 8). Changes `img` in place, so vqtok
+        calls it only on images it opened itself (pipeline/sources.py decode_image); a PIL image
+        given to Tokenizer.encode is used as given."""
+        return jpeg_draft(img, POLICIES[self.policy] * self.image_size)
 
     # --- one image -> (S, S, C) uint8 --------------------------------------------------------
     def pil_to_array(self, img: Image.Image) -> np.ndarray:
@@ -118,10 +163,13 @@ def _to_mode(img: Image.Image, target: str) -> Image.Image:
 # ---------------------------------------------------------------------------------------------
 
 class Tokenizer:
-    def __init__(self, model: VQVAE, *, id: str | None = None):
+    def __init__(self, model: VQVAE, *, id: str | None = None, preprocess_policy: str = POLICY):
+        """`preprocess_policy`: the policy a loaded bundle recorded (from_bytes passes it); a new
+        tokenizer takes the current POLICY."""
         self.model = model.eval()
         self.config = model.cfg
-        self.preprocess = Preprocess(image_size=model.cfg.image_size, channels=model.cfg.channels)
+        self.preprocess = Preprocess(image_size=model.cfg.image_size, channels=model.cfg.channels,
+                                     policy=preprocess_policy)
         self._id = id
 
     # --- bundle I/O ---------------------------------------------------------------------------
@@ -149,6 +197,10 @@ class Tokenizer:
         """Rebuild a tokenizer from the two bundle files' bytes (what `read_bundle` returns); this is
         how Ray workers receive a bundle that only the driver can read."""
         config = parse_config(config_bytes, fmt=BUNDLE_FORMAT, version=BUNDLE_VERSION, where=where)
+        # bundles written before the policy had alternatives decoded every image whole
+        policy = (config.get("preprocess") or {}).get("policy", LEGACY_POLICY)
+        if policy not in POLICIES:
+            raise _unknown_policy(policy, where=f"{where}/{CONFIG_FILE}: ")
         model = VQVAE(VQVAEConfig.from_dict(config["model"], where=f"{where}/{CONFIG_FILE} model"))
         state = load_weights(weights_bytes)
         missing, unexpected = model.load_state_dict(state, strict=False)
@@ -157,7 +209,7 @@ class Tokenizer:
         if missing or unexpected:
             raise ValueError(f"{where}/{WEIGHTS_FILE}: weights do not match config.json (missing {missing}, unexpected {unexpected})")
         model.quantizer.initialized.fill_(True)
-        return cls(model.to(device), id=bundle_hash(config_bytes, weights_bytes))
+        return cls(model.to(device), id=bundle_hash(config_bytes, weights_bytes), preprocess_policy=policy)
 
     @property
     def id(self) -> str:

@@ -438,9 +438,11 @@ def _pil_limit(max_pixels: int):
             Image.MAX_IMAGE_PIXELS = saved
 
 
-def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, preprocess: Preprocess | None = None) -> Image.Image:
     """Encoded image bytes -> a fully decoded PIL image, after the safety checks (empty input,
-    non-image, decompression bomb from the header, truncation). Raises DecodeError."""
+    non-image, decompression bomb from the header, truncation). Raises DecodeError. With
+    `preprocess`, its draft step (a reduced JPEG decode, where its policy has one) runs after the
+    checks, which judge the original size, and before the pixels are decoded."""
     if len(data) == 0:
         raise DecodeError("zero-byte image")
     try:
@@ -455,6 +457,8 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
                 )
             if w == 0 or h == 0:
                 raise DecodeError(f"empty image ({w}x{h})")
+            if preprocess is not None:
+                preprocess.draft(img)
             img.load()
             return img
     except DecodeError:
@@ -473,8 +477,9 @@ def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image
 
 
 def decode_image(data: bytes, preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Encoded image bytes -> (S, S, C) uint8 following the preprocessing policy."""
-    img = open_image(data, max_pixels)
+    """Encoded image bytes -> (S, S, C) uint8 following the preprocessing policy (its reduced JPEG
+    decode included: see models/tokenizer.py)."""
+    img = open_image(data, max_pixels, preprocess)
     try:
         return preprocess.pil_to_array(img)
     except ValueError as e:  # a mode the policy cannot convert
