@@ -81,7 +81,7 @@ def _base_type(tp) -> tuple[type, bool]:
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(tp) if a is not type(None)]
-        return (args[0], False) if len(args) == 1 else (str, False)  # str | int | None: parsed as str
+        return _base_type(args[0]) if len(args) == 1 else (str, False)  # str | int | None: parsed as str
     if origin in (list, tuple):
         return str, True
     return tp, False

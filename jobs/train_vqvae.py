@@ -109,9 +109,17 @@ class VQVAETask(Task):
     def legacy_model_config(state: dict) -> dict | None:
         return state.get("config", {}).get("model")
 
+    @staticmethod
+    def canonical_model_config(saved: dict) -> dict:
+        try:
+            return VQVAEConfig.from_dict(saved).to_dict()
+        except ConfigError:
+            return saved  # reported as a mismatch, field by field
+
     def describe(self, model) -> str:
         mc, n = self.cfg.model, sum(p.numel() for p in model.parameters())
-        return (f"VQ-VAE ({n / 1e6:.2f}M params, {mc.image_size}x{mc.image_size}x{mc.channels} -> "
+        return (f"VQ-VAE ({mc.arch}{f' {mc.preset}' if mc.preset else ''}, {n / 1e6:.2f}M params, "
+                f"{mc.image_size}x{mc.image_size}x{mc.channels} -> "
                 f"{mc.grid}x{mc.grid} tokens, K={mc.codebook_size}, {mc.codebook} codebook)")
 
     def batches(self, per_rank_batch: int, skip: int):

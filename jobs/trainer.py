@@ -170,6 +170,12 @@ class Task:
         """The model config in checkpoints written before `model_config` was a key of its own."""
         return None
 
+    @staticmethod
+    def canonical_model_config(saved: dict) -> dict:
+        """A checkpoint's model config with the options added since it was written at their defaults
+        (so an older checkpoint of the same model resumes)."""
+        return saved
+
 
 # ---------------------------------------------------------------------------------------------
 # Where the loop runs
@@ -295,7 +301,7 @@ class Trainer:
         state, where = self.ctx.latest_state(self.run_dir)
         if state is None:
             return 0, 0, None
-        saved = state.get("model_config") or self.task.legacy_model_config(state) or {}
+        saved = self.task.canonical_model_config(state.get("model_config") or self.task.legacy_model_config(state) or {})
         self._check_same_model(saved)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])

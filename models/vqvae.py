@@ -1,9 +1,11 @@
-"""The VQ-VAE: CNN encoder -> vector quantizer -> CNN decoder, in one file.
+"""The VQ-VAE: encoder -> vector quantizer -> decoder.
 
-Read top to bottom: the config, the residual block, the encoder, the decoder, the quantizer (with
-its losses and stop-gradients), the model. Channel widths grow as resolution falls: `width`
-channels at the token grid, half that one resolution up, and so on (never below 16), so compute
-stays where the grid is small.
+Read top to bottom: the config (and the presets), the small CNN's residual block, encoder and
+decoder (`arch="conv"`), the quantizer (with its losses and stop-gradients), the model. The
+VQGAN-class encoder and decoder (`arch="vqgan"`) live in models/vqgan.py; the quantizer is the same.
+
+conv: channel widths grow as resolution falls: `width` channels at the token grid, half that one
+resolution up, and so on (never below 16), so compute stays where the grid is small.
 
 The vector quantizer: nearest code, straight-through gradients, codebook + commitment losses.
 
@@ -26,6 +28,7 @@ All quantizer arithmetic runs in fp32, even under autocast.
 """
 from __future__ import annotations
 
+import contextvars
 import math
 from dataclasses import dataclass
 
@@ -36,34 +39,92 @@ from torch import nn
 from ..kernels import nearest_code
 from .config import Config, ConfigError, option
 from .distributed import SINGLE_PROCESS, Collectives
+from .vqgan import NORM_GROUPS, VQGANDecoder, VQGANEncoder
+
+# Published shapes, as VQVAEConfig values; options given with a preset override them.
+_LLAMAGEN = dict(arch="vqgan", image_size=256, channels=3, width=128, res_blocks=2, code_dim=256,
+                 codebook_size=16384, codebook_dim=8, l2_normalize=True)
+PRESETS: dict[str, dict] = {
+    "llamagen-vq16": _LLAMAGEN | {"channel_mult": [1, 1, 2, 2, 4]},  # 16x16 tokens at 256px
+    "llamagen-vq8": _LLAMAGEN | {"channel_mult": [1, 2, 2, 4]},  # 32x32 tokens at 256px
+}
+# k-means initialisation waits until the first batches hold this many encoder vectors per code
+KMEANS_POINTS_PER_CODE = 4
+
+
+ARCHS = ("conv", "vqgan")
+# vqgan's default per-level channel multipliers for a given downsampling (LlamaGen's VQ-16 and VQ-8)
+VQGAN_CHANNEL_MULT = {4: [1, 2, 4], 8: [1, 2, 2, 4], 16: [1, 1, 2, 2, 4]}
+DEFAULT_WIDTH = {"conv": 80, "vqgan": 128}
+_PRESET_BUILD = contextvars.ContextVar("vqtok_preset_build", default=False)
 
 
 @dataclass(kw_only=True)
 class VQVAEConfig(Config):
     WHAT = "model"
+    preset: str | None = option(None, "start from a published shape: " + ", ".join(PRESETS) +
+                                      " (options given with it override its values)")
+    arch: str = option("conv", "conv (small CNN, for 28-64px images) or vqgan (ResNet+GroupNorm+attention, "
+                               "taming/LlamaGen family, for photographs)")
     image_size: int = option(28, "images are resized and center-cropped to this square")
     channels: int = option(1, "1 grayscale or 3 RGB")
-    downsample: int = option(4, "4, 8 or 16: token grid = image-size / downsample per side")
-    width: int = option(80, "channels at the token grid")
-    res_blocks: int = option(2, "residual blocks at the token grid, in the encoder and in the decoder")
+    downsample: int | None = option(None, "token grid = image-size / downsample per side; conv: 4, 8 or 16 "
+                                          "(default 4); vqgan: 2^(levels-1) of --channel-mult (default 16)")
+    channel_mult: list[int] | None = option(None, "vqgan: channel multiplier per resolution level, e.g. 1,1,2,2,4 "
+                                                  "(default from --downsample: 4 -> 1,2,4; 8 -> 1,2,2,4; 16 -> 1,1,2,2,4)")
+    width: int | None = option(None, "conv: channels at the token grid (default 80); vqgan: channels at full "
+                                     "resolution, times --channel-mult per level (default 128)")
+    res_blocks: int = option(2, "residual blocks per resolution level (conv: at the token grid), in the encoder "
+                                "(the vqgan decoder has one more per level)")
     codebook_size: int = option(512, "K, the number of codes")
-    code_dim: int = option(64, "encoder output dimension")
-    codebook_dim: int | None = option(16, "dimension of the codes behind a projection (0 or none: code-dim)")
+    code_dim: int = option(64, "encoder output channels (vqgan: z-channels)", aliases=("--z-channels",))
+    codebook_dim: int | None = option(16, "dimension of the codes behind a projection (0 or none: code-dim; "
+                                          "vqgan always has the 1x1 projections)")
     l2_normalize: bool = option(True, "l2-normalised codes (with a small codebook-dim, lifts codebook perplexity)")
     beta: float = option(0.25, "commitment loss weight")
     codebook: str = option("ema", "ema (codebook = moving average of its vectors) or gradient (codebook loss)")
     ema_decay: float = option(0.99, "EMA decay of the codebook statistics")
     ema_eps: float = option(1e-5, "Laplace smoothing of the EMA counts")
-    kmeans_init: bool = option(True, "k-means++ on the first batch as the starting codebook")
+    kmeans_init: bool = option(True, "k-means++ as the starting codebook (on the first batches: at least "
+                                     f"{KMEANS_POINTS_PER_CODE} vectors per code are gathered first)")
     random_init: str = option("normal", "starting codebook without k-means init: normal N(0,1) or uniform "
                                         "U(-1/K,1/K) (the original VQ-VAE's)")
     restart_window: int = option(100, "restart codes unused for this many steps (0: never)")
 
+    @classmethod
+    def from_dict(cls, d: dict, where: str | None = None) -> "VQVAEConfig":
+        """A mapping of options; with "preset", the preset's values first, the mapping's on top."""
+        if isinstance(d, dict) and d.get("preset") is not None:
+            name = d["preset"]
+            if name not in PRESETS:
+                raise ConfigError(f"{where or cls.WHAT}: preset {name!r} is unknown; known: {sorted(PRESETS)}")
+            d = PRESETS[name] | d
+            token = _PRESET_BUILD.set(True)
+            try:
+                return super().from_dict(d, where)
+            finally:
+                _PRESET_BUILD.reset(token)
+        return super().from_dict(d, where)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "VQVAEConfig":
+        """VQVAEConfig.from_preset("llamagen-vq8", image_size=64): the preset with these values on top."""
+        return cls.from_dict({"preset": name, **overrides})
+
     def __post_init__(self):
+        if self.preset is not None and not _PRESET_BUILD.get():
+            raise ConfigError(f"VQVAEConfig(preset={self.preset!r}, ...) cannot tell the values you gave from "
+                              f"defaults: use VQVAEConfig.from_preset({self.preset!r}, image_size=..., ...)")
+        if self.arch not in ARCHS:
+            raise ConfigError(f"arch={self.arch!r}: use one of {', '.join(ARCHS)}")
         if self.codebook_dim == 0:
             self.codebook_dim = None
-        if self.downsample not in (4, 8, 16):
-            raise ConfigError(f"downsample={self.downsample}: use 4, 8 or 16")
+        if self.width is None:
+            self.width = DEFAULT_WIDTH[self.arch]
+        if self.arch == "conv":
+            self._resolve_conv()
+        else:
+            self._resolve_vqgan()
         if self.image_size % self.downsample:
             s, d = self.image_size, self.downsample
             raise ConfigError(
@@ -82,9 +143,53 @@ class VQVAEConfig(Config):
             if getattr(self, name) < (0 if name == "res_blocks" else 1):
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")
 
+    def _resolve_conv(self) -> None:
+        if self.channel_mult is not None:
+            raise ConfigError(f"channel_mult={self.channel_mult}: only --arch vqgan has per-level channel "
+                              f"multipliers (conv's widths follow --width); drop it or use --arch vqgan")
+        self.downsample = 4 if self.downsample is None else self.downsample
+        if self.downsample not in (4, 8, 16):
+            raise ConfigError(f"downsample={self.downsample}: use 4, 8 or 16")
+
+    def _resolve_vqgan(self) -> None:
+        if self.channel_mult is None:
+            ds = 16 if self.downsample is None else self.downsample
+            if ds not in VQGAN_CHANNEL_MULT:
+                raise ConfigError(f"downsample={ds}: give --channel-mult (its levels set the downsampling, "
+                                  f"2^(levels-1)) or use one of {sorted(VQGAN_CHANNEL_MULT)}")
+            self.channel_mult = list(VQGAN_CHANNEL_MULT[ds])
+        self.channel_mult = parse_int_list(self.channel_mult, "channel_mult")
+        if not self.channel_mult or min(self.channel_mult) < 1:
+            raise ConfigError(f"channel_mult={self.channel_mult}: give one positive multiplier per level, e.g. 1,1,2,2,4")
+        ds = 2 ** (len(self.channel_mult) - 1)
+        if self.downsample is not None and self.downsample != ds:
+            raise ConfigError(f"downsample={self.downsample} but channel_mult={self.channel_mult} has "
+                              f"{len(self.channel_mult)} levels, which downsample by {ds}: drop --downsample "
+                              f"or give {int(math.log2(self.downsample)) + 1} multipliers")
+        self.downsample = ds
+        bad = [self.width * m for m in self.channel_mult if (self.width * m) % NORM_GROUPS]
+        if bad:
+            raise ConfigError(f"width={self.width} with channel_mult={self.channel_mult} gives {bad} channels, "
+                              f"not a multiple of GroupNorm's {NORM_GROUPS} groups: use a width that is a "
+                              f"multiple of {NORM_GROUPS} (e.g. {max(NORM_GROUPS, self.width // NORM_GROUPS * NORM_GROUPS)})")
+
     @property
     def grid(self) -> int:
         return self.image_size // self.downsample
+
+
+def parse_int_list(value, name: str) -> list[int]:
+    """[1, 1, 2], "1,1,2" or ["1,1", "2"] (repeated/comma-separated flags) -> [1, 1, 2]."""
+    items = value.split(",") if isinstance(value, str) else value
+    out = []
+    for item in items:
+        parts = item.split(",") if isinstance(item, str) else [item]
+        for part in parts:
+            try:
+                out.append(int(part))
+            except (TypeError, ValueError):
+                raise ConfigError(f"{name}={value!r}: expected integers, e.g. 1,1,2,2,4") from None
+    return out
 
 
 class ResBlock(nn.Module):
@@ -172,6 +277,7 @@ class VectorQuantizer(nn.Module):
         random_init: str = "normal",
         kmeans_iters: int = 10,
         restart_window: int = 100,
+        project: bool = False,
         comm: Collectives = SINGLE_PROCESS,
     ):
         super().__init__()
@@ -189,9 +295,11 @@ class VectorQuantizer(nn.Module):
         # Under data parallelism the codebook statistics are summed over ranks and random draws
         # come from rank 0 (both through `comm`), so every replica holds the same codebook.
         self.comm = comm
-        # Low-dimensional codes live behind a projection (in and out of the code space).
-        self.proj_in = nn.Linear(dim, d) if d != dim else nn.Identity()
-        self.proj_out = nn.Linear(d, dim) if d != dim else nn.Identity()
+        # Low-dimensional codes live behind a projection (in and out of the code space): a linear
+        # map per vector, i.e. a 1x1 convolution (VQGAN's quant_conv / post_quant_conv).
+        project = project or d != dim
+        self.proj_in = nn.Linear(dim, d) if project else nn.Identity()
+        self.proj_out = nn.Linear(d, dim) if project else nn.Identity()
 
         # the starting codebook, replaced by k-means on the first batch when kmeans_init;
         # "uniform" is the original VQ-VAE's U(-1/K, 1/K)
@@ -208,11 +316,28 @@ class VectorQuantizer(nn.Module):
         else:
             self.codebook = nn.Parameter(embed)
         self.register_buffer("initialized", torch.tensor(not kmeans_init))
+        # k-means waits for KMEANS_POINTS_PER_CODE * K encoder vectors: batches before that are kept
+        # here (a buffer, so a checkpoint taken while gathering resumes exactly); emptied after.
+        self.kmeans_target = KMEANS_POINTS_PER_CODE * codebook_size if kmeans_init else 0
+        self.register_buffer("kmeans_points", torch.zeros(self.kmeans_target, d))
+        self.register_buffer("kmeans_filled", torch.tensor(0, dtype=torch.int64))
         # Per-step code counts over the last `restart_window` steps (a ring), for usage and restarts.
         self.register_buffer("usage_ring", torch.zeros(max(restart_window, 1), codebook_size))
         self.register_buffer("steps", torch.tensor(0, dtype=torch.int64))
 
-    TRAINING_BUFFERS = ("ema_count", "ema_sum", "initialized", "usage_ring", "steps")
+    TRAINING_BUFFERS = ("ema_count", "ema_sum", "initialized", "usage_ring", "steps", "kmeans_points", "kmeans_filled")
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # the k-means buffer is emptied once the codebook is initialised, and checkpoints written
+        # before it existed lack it: take the saved shape, or start empty
+        key = prefix + "kmeans_points"
+        if key in state_dict:
+            self.kmeans_points = self.kmeans_points.new_zeros(state_dict[key].shape)
+        else:
+            state_dict[key] = self.kmeans_points.new_zeros(0, self.code_dim)
+            state_dict.setdefault(prefix + "kmeans_filled", torch.tensor(0, dtype=torch.int64))
+            self.kmeans_points = self.kmeans_points.new_zeros(0, self.code_dim)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
@@ -223,7 +348,7 @@ class VectorQuantizer(nn.Module):
             if self.l2_normalize:
                 z_e = F.normalize(z_e, dim=-1)
             if self.training and not bool(self.initialized):
-                self._kmeans_init(stop_gradient(z_e))
+                self._gather_and_init(stop_gradient(z_e))
 
             idx = nearest_code(stop_gradient(z_e), self.codebook)  # (N,)
             q = F.embedding(idx, self.codebook)  # (N, d)
@@ -235,7 +360,7 @@ class VectorQuantizer(nn.Module):
                 loss = loss + codebook_loss
 
             counts = torch.bincount(idx, minlength=self.codebook_size).float()
-            if self.training:
+            if self.training and bool(self.initialized):
                 self._update_codebook(stop_gradient(z_e), idx, counts)
 
             z_q = self.proj_out(straight_through(z_e, q))  # (N, C)
@@ -293,6 +418,23 @@ class VectorQuantizer(nn.Module):
             self.ema_sum[dead] = new
             self.ema_count[dead] = 1.0
         return n_dead
+
+    @torch.no_grad()
+    def _gather_and_init(self, z_e: torch.Tensor) -> None:
+        """Keep this batch's vectors until every rank holds KMEANS_POINTS_PER_CODE * K of them (a
+        first batch that large initialises at once), then k-means them into the codebook."""
+        filled = int(self.kmeans_filled)
+        points = torch.cat([self.kmeans_points[:filled], z_e]) if filled else z_e
+        pending = torch.tensor([float(points.shape[0] < self.kmeans_target)], device=z_e.device)
+        self.comm.all_reduce_sum(pending)  # ranks not ready yet (all must agree to initialise)
+        if float(pending) == 0:
+            self._kmeans_init(points)
+            self.kmeans_points = self.kmeans_points.new_zeros(0, self.code_dim)
+            self.kmeans_filled.fill_(0)
+            return
+        take = min(z_e.shape[0], self.kmeans_points.shape[0] - filled)
+        self.kmeans_points[filled : filled + take] = z_e[:take]
+        self.kmeans_filled.fill_(filled + take)
 
     @torch.no_grad()
     def _kmeans_init(self, z_e: torch.Tensor) -> None:
@@ -367,7 +509,12 @@ class VQVAE(nn.Module):
     def __init__(self, cfg: VQVAEConfig, comm: Collectives = SINGLE_PROCESS):
         super().__init__()
         self.cfg = cfg
-        self.encoder = Encoder(cfg)
+        if cfg.arch == "vqgan":
+            shape = dict(channels=cfg.channels, width=cfg.width, channel_mult=cfg.channel_mult,
+                         res_blocks=cfg.res_blocks, z_channels=cfg.code_dim)
+            self.encoder, self.decoder = VQGANEncoder(**shape), VQGANDecoder(**shape)
+        else:
+            self.encoder, self.decoder = Encoder(cfg), Decoder(cfg)
         self.quantizer = VectorQuantizer(
             codebook_size=cfg.codebook_size,
             dim=cfg.code_dim,
@@ -380,9 +527,9 @@ class VQVAE(nn.Module):
             kmeans_init=cfg.kmeans_init,
             random_init=cfg.random_init,
             restart_window=cfg.restart_window,
+            project=cfg.arch == "vqgan",
             comm=comm,
         )
-        self.decoder = Decoder(cfg)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, QuantizerOutput]:
         """x (B, C, S, S) in [-1, 1] -> reconstruction (B, C, S, S), quantizer output."""
