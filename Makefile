@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test test-slow test-all bench-quality bench-tokenize bench-prior bench-prior-throughput bench-commit bench-chaos bench-scale clean
+.PHONY: install demo test test-slow test-all bench-quality bench-tokenize bench-prior bench-prior-throughput bench-commit bench-chaos bench-scale bench-decode clean
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +58,11 @@ bench-chaos: $(STAMP)
 # 1,000,000 images in 1,000 shards; 10k vs 1M memory; a resume that reads no committed byte (about 30 minutes)
 bench-scale: $(STAMP)
 	$(BIN)/python benchmarks/scale.py
+
+# 256 px decode, old vs new preprocessing policy (whole vs reduced JPEG decode) on the Debian
+# desktop-background photographs (installed if missing): img/s per core and PSNR; about 2-3 minutes
+bench-decode: $(STAMP)
+	$(BIN)/python benchmarks/decode_speed.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -19,13 +19,13 @@ The preprocessing policy (Preprocess), recorded in the bundle so tokenizing late
 2. Geometry: resize so the shorter side equals image_size (bicubic), then center-crop a square.
 3. Values: uint8 [0, 255] -> float [-1, 1] (x / 127.5 - 1) for the model, and back with rounding.
 
-Why a margin of 2 (benchmarks/decode_speed.py measures it, RESULTS.md "Decode speed"): the reduced
-decode is a box-like filter, not the bicubic one. Reduced only to >= 1 x image_size, the 256 px
-output of real photographs differed from the whole decode by as little as 29.6 dB PSNR (a
-fine-textured dune photo); kept >= 2 x image_size, the bicubic resize does the last factor of 2-4
-itself and every photograph measured stayed above 43 dB, while the decode still skips 3/4 to 63/64
-of the IDCT and colour-conversion work. The same margin is where LlamaGen/ADM's center_crop_arr
-stops box-downsampling.
+Why a margin of 2 (benchmarks/decode_speed.py, `make bench-decode`; RESULTS.md "Decode speed"):
+the reduced decode filters like a box, not like the bicubic resize. On 32 desktop-background
+JPEGs of 1-18 Mpx, decoded to 256 px, reducing only to >= 1 x image_size gave a median of 49.2 dB
+PSNR against the whole decode but 29.6 dB on a fine-textured dune photograph; keeping >= 2 x
+image_size (the bicubic resize then does the last factor of 2-4 itself) gave a median of 54.5 dB
+and 44.9 dB at worst, at 1.85x the whole decode's img/s (2.13x for >= 1x). The same margin is
+where LlamaGen/ADM's center_crop_arr stops box-downsampling.
 """
 from __future__ import annotations
 
@@ -173,8 +173,9 @@ class Tokenizer:
         self._id = id
 
     # --- bundle I/O ---------------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> str:
-        """Write the bundle to the directory `path` (atomically); returns the bundle id."""
+    def save(self, path: str | os.PathLike, *, origin: dict | None = None) -> str:
+        """Write the bundle to the directory `path` (atomically); returns the bundle id. `origin`
+        (recorded in config.json) says where imported weights came from."""
         config = {
             "format": BUNDLE_FORMAT,
             "format_version": BUNDLE_VERSION,
@@ -183,6 +184,8 @@ class Tokenizer:
             "preprocess": self.preprocess.to_dict(),
             "grid": [self.config.grid, self.config.grid],
         }
+        if origin:
+            config["origin"] = origin
         self._id = write_bundle(path, config, self.model.inference_state_dict())
         return self._id
 
