@@ -21,6 +21,7 @@ _EXPORTS = {
     "TrainConfig": "jobs.train_vqvae", "TrainResult": "jobs.train_vqvae", "train_vqvae": "jobs.train_vqvae",
     "train_prior": "jobs.train_prior", "PriorTrainConfig": "jobs.train_prior", "PriorResult": "jobs.train_prior",
     "sample": "jobs.sample", "SampleConfig": "jobs.sample",
+    "import_tokenizer": "jobs.import_tokenizer", "ImportConfig": "jobs.import_tokenizer",
     "Pipeline": "jobs.run", "PipelineConfig": "jobs.run", "demo": "jobs.demo",
     "nearest_code": "kernels",
     "Preprocess": "models", "Tokenizer": "models", "VQVAEConfig": "models", "Prior": "models", "PriorConfig": "models",
@@ -44,6 +45,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .jobs.tokenize import TokenizeConfig, TokenizeResult, tokenize
     from .jobs.demo import demo
     from .jobs.sample import SampleConfig, sample
+    from .jobs.import_tokenizer import ImportConfig, import_tokenizer
     from .jobs.run import Pipeline, PipelineConfig
     from .jobs.train_prior import PriorResult, PriorTrainConfig, train_prior
     from .jobs.train_vqvae import TrainConfig, TrainResult, train_vqvae

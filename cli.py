@@ -9,7 +9,7 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from .jobs import demo, eval_vqvae, run, sample, tokenize, train_prior, train_vqvae
+from .jobs import demo, eval_vqvae, import_tokenizer, run, sample, tokenize, train_prior, train_vqvae
 from .jobs.options import Command, run_command
 from .models.bundle import vqtok_version
 from .models.config import Config, option
@@ -57,8 +57,8 @@ def convert(opts: ConvertOptions) -> int:
 
 
 COMMANDS = [
-    demo.COMMAND, run.COMMAND, train_vqvae.COMMAND, eval_vqvae.COMMAND, tokenize.COMMAND, train_prior.COMMAND,
-    sample.COMMAND,
+    demo.COMMAND, run.COMMAND, train_vqvae.COMMAND, import_tokenizer.COMMAND, eval_vqvae.COMMAND, tokenize.COMMAND,
+    train_prior.COMMAND, sample.COMMAND,
     Command("inspect", "summary, schema metadata and a few rows of a token dataset", InspectOptions, inspect,
             config_file=False),
     Command("convert", "write WebDataset shards (KEY.png, KEY.cls) from IDX files or an image folder", ConvertOptions,

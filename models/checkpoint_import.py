@@ -64,22 +64,24 @@ def load_state_dict(source: str, data: bytes, where: str) -> dict[str, torch.Ten
         raise CheckpointError(f"--from {source!r}: use one of {', '.join(SOURCES)}")
     if not data:
         raise CheckpointError(f"{where}: the file is empty")
+    if not (data[:4] == b"PK\x03\x04" or data[:1] == b"\x80"):  # torch's zip format, or a legacy pickle
+        raise CheckpointError(f"{where}: not a PyTorch checkpoint (it starts with {data[:8]!r}); give the .pt/.ckpt "
+                              f"file the {source} project saved")
     try:
         ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
+        if found:
             raise CheckpointError(
-                f"{where}: loading it would execute code (it holds Python objects"
-                f"{f' such as {found.group(1)}' if found else ''}, not only tensors); vqtok never runs code from "
-                f"a checkpoint. Re-save its weights: torch.save({{{WHERE[source]}: sd}}, 'weights.pt') where sd is "
-                f"the model's state_dict()") from None
-        raise CheckpointError(f"{where}: not a PyTorch checkpoint ({e})") from None
+                f"{where}: loading it would execute code (it holds Python objects such as {found.group(1)}, not "
+                f"only tensors); vqtok never runs code from a checkpoint. Re-save its weights where you trust the "
+                f"file: torch.save({{{WHERE[source]}: sd}}, 'weights.pt') where sd is the model's state_dict()") from None
+        reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+        raise CheckpointError(f"{where}: not a checkpoint that loads without executing code "
+                              f"({reason.group(1).strip() if reason else 'pickle refused'})") from None
     except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
-        reason = "truncated or corrupt" if isinstance(e, EOFError) or "zip" in str(e).lower() or "read" in str(e) \
-            else "not a PyTorch checkpoint"
-        raise CheckpointError(f"{where}: {reason} ({type(e).__name__}: {str(e)[:200]}); check the download "
-                              f"(its size and checksum)") from None
+        raise CheckpointError(f"{where}: truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0][:160]}); "
+                              f"check the download (its size and checksum)") from None
     key = WHERE[source].strip('"')
     if not isinstance(ckpt, dict) or key not in ckpt:
         top = sorted(ckpt)[:12] if isinstance(ckpt, dict) else type(ckpt).__name__
