@@ -209,7 +209,7 @@ def _progress(done: int, total: int, images: int, elapsed: float, output: TokenW
     rate = images / max(elapsed, 1e-9)
     eta = elapsed / done * (total - done) if done else float("nan")
     eta_s = fmt_duration(eta) if done else "?"
-    return (f"vqtok tokenize: units {done}/{total} | images {images:,} | {rate:,.0f} img/s | "
+    return (f"vqtok tokenize: units {done}/{total} | images {images:,} | {_rate(rate)} img/s | "
             f"skipped {output.failures} | eta {eta_s}")
 
 
@@ -248,7 +248,7 @@ def _summary(r: TokenizeResult) -> str:
                 f"({r.rows:,} rows in {r.parts} parts)" + _plan_note(r.plan))
     lines = [
         f"vqtok tokenize: done in {fmt_duration(r.seconds)}: {r.images_run:,} images from {r.units_run} units "
-        f"({r.images_per_s:,.0f} img/s end to end)",
+        f"({_rate(r.images_per_s)} img/s end to end)",
         f"  dataset {r.out}: {r.rows:,} rows in {r.parts} parts, {_fmt_bytes(r.bytes)}"
         + (f" ({r.units_skipped} units were already there)" if r.units_skipped else ""),
         *([f"  inputs since the last run:{_plan_note(r.plan).removeprefix(';')}"] if _plan_note(r.plan) else []),
@@ -256,6 +256,11 @@ def _summary(r: TokenizeResult) -> str:
         f"  read it with vqtok.TokenDataset({r.out!r}) or `vqtok inspect {r.out}`",
     ]
     return "\n".join(lines)
+
+
+def _rate(x: float) -> str:
+    """12,345 / 123 / 4.6 / 0.35: enough digits to read a slow 256px run too."""
+    return f"{x:,.0f}" if x >= 100 else f"{x:.1f}" if x >= 1 else f"{x:.2f}"
 
 
 def _fmt_bytes(n: int) -> str:
