@@ -228,3 +228,24 @@ def test_vqgan_on_two_ray_train_workers_keeps_replicas_identical(tmp_path):
     m = json.loads((tmp_path / "two" / "metrics.json").read_text())
     assert m["workers"] == 2 and m["replicas_in_sync"] is True
     assert m["train"]["history"][-1]["loss"] < m["train"]["history"][0]["loss"]
+
+
+def test_a_checkpoint_written_before_architectures_existed_resumes(tmp_path):
+    """A run directory from before --arch: its checkpoint's model config lacks arch, channel_mult and
+    preset, and its quantizer lacks the k-means buffers; the same model now resumes from it."""
+    from vqtok import TrainConfig, train_vqvae
+
+    model = {"width": 16, "code_dim": 8, "codebook_size": 16, "res_blocks": 1}
+    out = tmp_path / "run"
+    train_vqvae(TrainConfig(data=[str(SAMPLE_DIR)], out=str(out), steps=2, batch_size=8, checkpoint_every=2, model=model))
+    (path,) = list_checkpoints(out)
+    state = load_checkpoint(path)
+    for key in ("arch", "channel_mult", "preset"):
+        del state["model_config"][key]
+    state["model_config"]["downsample"] = 4
+    for key in ("quantizer.kmeans_points", "quantizer.kmeans_filled"):
+        del state["model"][key]
+    torch.save(state, path)
+    r = train_vqvae(TrainConfig(data=[str(SAMPLE_DIR)], out=str(out), steps=4, batch_size=8, checkpoint_every=2,
+                                model=model))
+    assert r.resumed_from == 2
