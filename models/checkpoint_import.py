@@ -14,8 +14,10 @@ Sources (both use the layer arithmetic of models/vqgan.py; only the names and a 
 Everything about the shape is read from the weights: width (conv_in), channel multipliers (each
 level's first convolution), residual blocks per level, z-channels, K and the code dimension. The
 image size is not in the weights (the convolutions take any multiple of the downsampling): the
-caller names it. Loading uses torch.load(weights_only=True): a checkpoint that would need code
-execution to load is refused, as is one that is truncated or not a torch file. Every weight is
+caller names it. Loading uses torch.load(weights_only=True) (plus argparse.Namespace, which
+LlamaGen's training checkpoints carry): a checkpoint that would need code execution to load is
+refused, as is one that is truncated or not a torch file; other top-level entries (optimizer
+states, a discriminator, "ema") are not read. Every weight is
 accounted for: a missing one or an unexpected one is refused, each listed by name.
 
 The mapping runs from vqtok's names to the source's (`source_names`): every vqtok weight names the
@@ -24,6 +26,7 @@ source weight(s) it is built from (attention's q, k, v are concatenated into one
 """
 from __future__ import annotations
 
+import argparse
 import io
 import pickle
 import re
@@ -68,7 +71,10 @@ def load_state_dict(source: str, data: bytes, where: str) -> dict[str, torch.Ten
         raise CheckpointError(f"{where}: not a PyTorch checkpoint (it starts with {data[:8]!r}); give the .pt/.ckpt "
                               f"file the {source} project saved")
     try:
-        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        # argparse.Namespace is the one Python object allowed: LlamaGen's train script saves its
+        # arguments in every checkpoint, and rebuilding one only sets attributes
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(e))
         if found:

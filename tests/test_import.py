@@ -92,6 +92,19 @@ def _refused(tmp_path, path, *args, source="llamagen") -> str:
     return r.stderr
 
 
+def test_a_llamagen_training_checkpoint_imports(tmp_path):
+    """What LlamaGen's vq_train.py saves: model, optimizer, discriminator, steps, its argparse args."""
+    def as_training(ckpt):
+        ckpt.update(optimizer={"state": {}, "param_groups": []}, discriminator={"w": torch.zeros(2)}, steps=5000,
+                    args=argparse.Namespace(lr=1e-4, vq_model="VQ-16"))
+
+    r = import_tokenizer("llamagen", _resave(tmp_path, as_training), tmp_path / "tok", image_size=64)
+    plain = import_tokenizer("llamagen", CHECKPOINT["llamagen"], tmp_path / "plain", image_size=64)
+    assert Tokenizer.load(tmp_path / "tok").config == Tokenizer.load(tmp_path / "plain").config
+    assert (tmp_path / "tok" / "model.safetensors").read_bytes() == (tmp_path / "plain" / "model.safetensors").read_bytes()
+    assert r.ignored == plain.ignored
+
+
 def test_missing_and_unexpected_weights_are_refused_by_name(tmp_path):
     def drop(ckpt):
         del ckpt["model"]["decoder.conv_blocks.0.attn.1.k.weight"]
@@ -121,11 +134,11 @@ def test_files_that_are_not_importable_checkpoints_are_refused_clearly(tmp_path)
     empty.write_bytes(b"")
     assert "the file is empty" in _refused(tmp_path, empty)
 
-    # a training checkpoint with Python objects in it (LlamaGen's train script saves its args):
-    # loading would run pickle's code, so it is refused with how to re-save the weights
-    code = _resave(tmp_path, lambda c: c.update(args=argparse.Namespace(lr=1e-4)))
+    # a checkpoint holding Python objects: loading would run pickle's code, so it is refused with
+    # how to re-save the weights
+    code = _resave(tmp_path, lambda c: c.update(where=Path("/data/run")))
     err = _refused(tmp_path, code)
-    assert "would execute code" in err and "argparse.Namespace" in err and "torch.save" in err
+    assert "would execute code" in err and "pathlib.PosixPath" in err and "torch.save" in err
 
     # and a pickle that would really run something is never run
     marker = tmp_path / "ran"
