@@ -4,9 +4,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
+BENCH_STAMP := $(VENV)/.bench-installed-stamp
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test test-slow test-all bench-quality bench-tokenize bench-prior bench-prior-throughput bench-commit bench-chaos bench-scale bench-decode clean
+.PHONY: install demo test test-slow test-all bench-quality bench-tokenize bench-prior bench-prior-throughput bench-commit bench-chaos bench-scale bench-decode bench-photo clean
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +17,11 @@ $(STAMP): pyproject.toml requirements-lock.txt
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# the `bench` extra (faiss-cpu, vector-quantize-pytorch), pinned by the same lock file
+$(BENCH_STAMP): $(STAMP)
+	$(BIN)/pip install -q -c requirements-lock.txt -e ".[bench]"
+	touch $(BENCH_STAMP)
 
 # Main job on the embedded default (local Ray, local files, the bundled Fashion-MNIST sample):
 # `vqtok demo` converts the sample to WebDataset shards, trains a tokenizer on 2 Ray Train workers,
@@ -63,6 +69,11 @@ bench-scale: $(STAMP)
 # desktop-background photographs (installed if missing): img/s per core and PSNR; about 2-3 minutes
 bench-decode: $(STAMP)
 	$(BIN)/python benchmarks/decode_speed.py
+
+# tokenizer quality on 64x64 crops of real photographs (Debian desktop backgrounds, split by picture):
+# conv vs vqgan vs the vqgan network around vector-quantize-pytorch's quantizer; about 20 minutes on 2 cores
+bench-photo: $(BENCH_STAMP)
+	$(BIN)/python benchmarks/photo_quality.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
