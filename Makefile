@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.bench-installed-stamp
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test test-slow test-all bench-quality bench-tokenize bench-prior bench-prior-throughput bench-commit bench-chaos bench-scale bench-decode bench-photo clean
+.PHONY: install demo test test-slow test-all bench-quality bench-tokenize bench-prior bench-prior-throughput bench-commit bench-chaos bench-scale bench-decode bench-photo bench-tokenize-256 clean
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -42,8 +42,14 @@ test-all: test test-slow
 bench-quality: $(STAMP)
 	$(BIN)/python benchmarks/vqvae_quality.py
 
+# Fashion-MNIST 70k (default architecture) and 256 px photographs (llamagen-vq16, random weights)
 bench-tokenize: $(STAMP)
 	$(BIN)/python benchmarks/tokenize_throughput.py
+
+# the 256 px case alone: encoder-only vs `vqtok tokenize` on JPEG photographs, peak RSS at two corpus
+# sizes; about 5-10 minutes on 2 cores
+bench-tokenize-256: $(STAMP)
+	$(BIN)/python benchmarks/tokenize_throughput.py --case photo256
 
 # needs the tokenizer bench-quality writes (benchmarks/out/quality/ours/tokenizer); about an hour on 2 cores
 bench-prior: $(STAMP)
