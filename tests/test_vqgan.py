@@ -135,6 +135,18 @@ def test_kmeans_waits_for_enough_vectors_then_initialises_from_all_of_them():
     assert not any(bool((pts == c).all(1).any()) for c in q.codebook[:8])
 
 
+def test_large_k_seeding_in_rounds_gives_distinct_codes_that_cover_the_data():
+    from vqtok.models.vqvae import SEQUENTIAL_SEEDING_MAX, kmeans
+
+    torch.manual_seed(0)
+    k = SEQUENTIAL_SEEDING_MAX + 904  # the rounds path
+    x = torch.randn(4 * k, 4)
+    centroids, sizes = kmeans(x, k, iters=2)
+    assert centroids.shape == (k, 4) and torch.isfinite(centroids).all()
+    assert int(torch.unique(centroids, dim=0).shape[0]) == k and int(sizes.sum()) == 4 * k
+    assert int((sizes == 0).sum()) < 0.02 * k  # nearly every code holds points after two Lloyd steps
+
+
 def test_a_checkpoint_taken_while_gathering_resumes_exactly():
     def run(stop_at: int | None):
         torch.manual_seed(1)
