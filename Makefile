@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed-stamp
 BENCH_STAMP := $(VENV)/.bench-installed-stamp
 DEMO_OUT ?= runs/demo
 
-.PHONY: install demo test test-slow test-all bench-quality bench-tokenize bench-prior bench-prior-throughput bench-commit bench-chaos bench-scale bench-decode bench-photo bench-tokenize-256 clean
+.PHONY: install demo test test-slow test-all test-gpu bench-quality bench-tokenize bench-prior bench-prior-throughput bench-commit bench-chaos bench-scale bench-decode bench-photo bench-tokenize-256 clean
 
 $(STAMP): pyproject.toml requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
@@ -38,6 +38,10 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
 test-all: test test-slow
+
+# The tests that need CUDA (on a GPU machine; skipped elsewhere).
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -m gpu
 
 bench-quality: $(STAMP)
 	$(BIN)/python benchmarks/vqvae_quality.py
