@@ -55,7 +55,6 @@ class ImportReport:
     config: VQVAEConfig
     imported: int  # source tensors used
     ignored: list[str] = field(default_factory=list)  # training-only source tensors skipped
-    notes: list[str] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -183,9 +183,8 @@ class VQVAEConfig(Config):
 
 def parse_int_list(value, name: str) -> list[int]:
     """[1, 1, 2], "1,1,2" or ["1,1", "2"] (repeated/comma-separated flags) -> [1, 1, 2]."""
-    items = value.split(",") if isinstance(value, str) else value
     out = []
-    for item in items:
+    for item in [value] if isinstance(value, str) else value:
         parts = item.split(",") if isinstance(item, str) else [item]
         for part in parts:
             try:
@@ -334,12 +333,9 @@ class VectorQuantizer(nn.Module):
         # the k-means buffer is emptied once the codebook is initialised, and checkpoints written
         # before it existed lack it: take the saved shape, or start empty
         key = prefix + "kmeans_points"
-        if key in state_dict:
-            self.kmeans_points = self.kmeans_points.new_zeros(state_dict[key].shape)
-        else:
-            state_dict[key] = self.kmeans_points.new_zeros(0, self.code_dim)
-            state_dict.setdefault(prefix + "kmeans_filled", torch.tensor(0, dtype=torch.int64))
-            self.kmeans_points = self.kmeans_points.new_zeros(0, self.code_dim)
+        state_dict.setdefault(key, self.kmeans_points.new_zeros(0, self.code_dim))
+        state_dict.setdefault(prefix + "kmeans_filled", torch.tensor(0, dtype=torch.int64))
+        self.kmeans_points = self.kmeans_points.new_zeros(state_dict[key].shape)
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     # ------------------------------------------------------------------------------------------
@@ -350,8 +346,10 @@ class VectorQuantizer(nn.Module):
             z_e = self.proj_in(flat)  # (N, d)
             if self.l2_normalize:
                 z_e = F.normalize(z_e, dim=-1)
-            if self.training and not bool(self.initialized):
+            initialized = bool(self.initialized)  # one host sync per step (CUDA)
+            if self.training and not initialized:
                 self._gather_and_init(stop_gradient(z_e))
+                initialized = bool(self.initialized)
 
             idx = nearest_code(stop_gradient(z_e), self.codebook)  # (N,)
             q = F.embedding(idx, self.codebook)  # (N, d)
@@ -363,7 +361,7 @@ class VectorQuantizer(nn.Module):
                 loss = loss + codebook_loss
 
             counts = torch.bincount(idx, minlength=self.codebook_size).float()
-            if self.training and bool(self.initialized):
+            if self.training and initialized:
                 self._update_codebook(stop_gradient(z_e), idx, counts)
 
             z_q = self.proj_out(straight_through(z_e, q))  # (N, C)
