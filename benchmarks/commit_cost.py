@@ -1,5 +1,5 @@
 """What committing one unit to a token dataset costs, as the dataset grows: the commit protocol of
-pipeline/token_dataset.py (a part, then a small record in _commits/, the manifest rewritten
+pipeline/token_writer.py (a part, then a small record in _commits/, the manifest rewritten
 geometrically) against the one it replaced (the whole manifest rewritten after every commit),
 side by side in one run, on local disk and on S3 (a moto server on 127.0.0.1).
 
@@ -51,7 +51,7 @@ class OverBudget(Exception):
 
 
 def writer_classes():
-    from vqtok.pipeline import token_dataset as td
+    from vqtok.pipeline import token_format as fmt, token_writer as td
 
     class OldProtocolWriter(td.TokenWriter):
         """Before the change: every commit rewrote the whole manifest."""
@@ -66,14 +66,14 @@ def writer_classes():
 
 
 def fixtures(n: int):
-    from vqtok.pipeline import token_dataset as td
+    from vqtok.pipeline import token_format as fmt, token_writer as td
     from vqtok.pipeline.sources import Unit
 
-    meta = td.dataset_metadata(codebook_size=512, tokenizer_id="bench-" + "0" * 58, grid=(2, 2),
+    meta = fmt.dataset_metadata(codebook_size=512, tokenizer_id="bench-" + "0" * 58, grid=(2, 2),
                                preprocess={"image_size": 28, "channels": 1}, vqtok_version="bench")
     units = [Unit(url=f"/data/shards/train-{i:06d}.tar", kind="tar", signature=f"{i:016x}") for i in range(n)]
     rng = np.random.default_rng(0)
-    tables = [td.part_table(meta, [f"{u.url}/{r:04d}" for r in range(ROWS)], rng.integers(0, 512, (ROWS, 2, 2)),
+    tables = [fmt.part_table(meta, [f"{u.url}/{r:04d}" for r in range(ROWS)], rng.integers(0, 512, (ROWS, 2, 2)),
                             list(range(ROWS)), u.url) for u in units[:64]]  # reused round robin
     return meta, units, tables
 
@@ -81,7 +81,7 @@ def fixtures(n: int):
 def run_cell(url: str, protocol: str, n: int, budget: float) -> dict:
     """Open a fresh dataset at url, commit n units with the given protocol, close; measure."""
     from vqtok import TokenDataset
-    from vqtok.pipeline import token_dataset as td
+    from vqtok.pipeline import token_format as fmt, token_writer as td
 
     meta, units, tables = fixtures(n)
     cls = writer_classes()[protocol]
@@ -92,8 +92,8 @@ def run_cell(url: str, protocol: str, n: int, budget: float) -> dict:
     real_put = w._put
 
     def counting_put(name: str, data: bytes) -> None:
-        kind = ("part" if name.startswith("part-") else "record" if name.startswith(td.COMMITS_DIR + "/")
-                else "manifest" if name == td.MANIFEST else "other")
+        kind = ("part" if name.startswith("part-") else "record" if name.startswith(fmt.COMMITS_DIR + "/")
+                else "manifest" if name == fmt.MANIFEST else "other")
         written[kind] += len(data)
         real_put(name, data)
 
@@ -134,7 +134,7 @@ def run_cell(url: str, protocol: str, n: int, budget: float) -> dict:
         "ms_max": times.max() * 1e3, "part_b": bytes_commits["part"] / n, "proto_b": proto(bytes_commits) / n,
         "proto_b_tail": (proto(bytes_commits) - proto(before_tail)) / (n - tail_from),
         "reader_mid": reader_mid, "pending_mid": pending_mid, "reader_end": reader_end, "close_s": close_s,
-        "commit_s": times.sum(), "manifest_kib": len(ds.fs.cat_file(f"{ds.root}/{td.MANIFEST}")) / 1024,
+        "commit_s": times.sum(), "manifest_kib": len(ds.fs.cat_file(f"{ds.root}/{fmt.MANIFEST}")) / 1024,
     }
 
 
@@ -150,8 +150,8 @@ def compaction_points(n: int, compact_at: int) -> list[int]:
 
 
 def source_version() -> str:
-    """The commit of pipeline/token_dataset.py being measured (its protocol is what the table shows)."""
-    repo, path = Path(__file__).resolve().parent.parent, "pipeline/token_dataset.py"
+    """The commit of pipeline/token_writer.py being measured (its protocol is what the table shows)."""
+    repo, path = Path(__file__).resolve().parent.parent, "pipeline/token_writer.py"
     try:
         rev = subprocess.run(["git", "log", "-1", "--format=%h", "--", path], cwd=repo, capture_output=True,
                              text=True, check=True).stdout.strip()
@@ -232,7 +232,7 @@ def main() -> int:
     stores = args.stores.split(",")
     OUT.mkdir(parents=True, exist_ok=True)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request otherwise
-    from vqtok.pipeline import token_dataset as td
+    from vqtok.pipeline import token_format as fmt, token_writer as td
 
     measured = source_version()  # as imported now
     results, notes, t_run = {}, [], time.perf_counter()

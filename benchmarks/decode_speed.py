@@ -1,7 +1,7 @@
 """Decode speed at 256 px: the whole JPEG decode (old policy) vs the reduced one (new policy).
 
 What `vqtok tokenize` does to each image, in one process on one core: encoded bytes ->
-pipeline/sources.decode_image -> (256, 256, 3) uint8, under Preprocess's LEGACY_POLICY (every
+Preprocess.decode (models/preprocess.py) -> (256, 256, 3) uint8, under Preprocess's LEGACY_POLICY (every
 pixel decoded, then shorter side to 256 bicubic, center crop) and its POLICY (a JPEG decoded at
 1/2, 1/4 or 1/8 scale by libjpeg, PIL's draft, keeping the shorter side >= 2 x 256, then the same
 resize and crop). Inputs, real colour JPEGs from the Debian desktop-background packages
@@ -39,8 +39,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import append_results, table  # noqa: E402
 
-from vqtok.models.tokenizer import DRAFT_MARGIN, LEGACY_POLICY, POLICY, Preprocess, jpeg_draft  # noqa: E402
-from vqtok.pipeline.sources import decode_image  # noqa: E402
+from vqtok.models.preprocess import DRAFT_MARGIN, LEGACY_POLICY, POLICY, Preprocess, jpeg_draft  # noqa: E402
 
 PACKAGES = ("mate-backgrounds", "plasma-workspace-wallpapers")
 ROOTS = (Path("/usr/share/backgrounds"), Path("/usr/share/wallpapers"))
@@ -117,11 +116,11 @@ def main() -> int:
     new = Preprocess(image_size=S, channels=3, policy=POLICY)
 
     def margin_decode(data: bytes, margin: int) -> np.ndarray:
-        # decode_image's steps with another draft bound (the size check is done by decode_image runs)
+        # Preprocess.decode's steps with another draft bound (the size check is done by Preprocess.decode runs)
         img = Image.open(io.BytesIO(data))
         jpeg_draft(img, margin * S)
         img.load()
-        return new.pil_to_array(img)
+        return new.decode(img)
 
     def reduction(data: bytes, margin: int) -> int:
         with Image.open(io.BytesIO(data)) as img:
@@ -132,12 +131,12 @@ def main() -> int:
     rows, margin_rows = [], []
     for name, datas in sets.items():
         repeat = 1 if name.startswith("(a)") else args.small_repeat
-        ref = [decode_image(d, old) for d in datas]
-        got = [decode_image(d, new) for d in datas]
+        ref = [old.decode(d) for d in datas]
+        got = [new.decode(d) for d in datas]
         # the margin variant at the policy's own margin is the policy: same pixels
         assert all(np.array_equal(margin_decode(d, DRAFT_MARGIN), g) for d, g in zip(datas, got))
-        methods = {"old": lambda ds=datas: [decode_image(d, old) for d in ds * repeat],
-                   "new": lambda ds=datas: [decode_image(d, new) for d in ds * repeat]}
+        methods = {"old": lambda ds=datas: [old.decode(d) for d in ds * repeat],
+                   "new": lambda ds=datas: [new.decode(d) for d in ds * repeat]}
         if name.startswith("(a)"):
             for m in margins:
                 if m != DRAFT_MARGIN:
@@ -176,7 +175,7 @@ def main() -> int:
     t2 = table(["(a) originals, reduced decode keeping the shorter side", "img/s", "vs whole",
                 "PSNR vs whole, min", "median", "worst image"], margin_rows)
     progressive = sum(1 for d in big.values() if Image.open(io.BytesIO(d)).info.get("progressive"))
-    notes = (f"One process, one core: decode_image(bytes) -> ({S}, {S}, 3) uint8, old = {LEGACY_POLICY!r}, "
+    notes = (f"One process, one core: Preprocess.decode(bytes) -> ({S}, {S}, 3) uint8, old = {LEGACY_POLICY!r}, "
              f"new = {POLICY!r}. Passes of the methods alternate, {args.rounds} rounds after a warm-up, "
              f"img/s = images / median pass. (a): every colour JPEG of >= {MIN_PIXELS / 1e6:.0f} Mpx under "
              f"{' and '.join(map(str, ROOTS))} (packages {', '.join(PACKAGES)}; photographs and some rendered "

@@ -64,7 +64,7 @@ from _common import append_results, table  # noqa: E402
 
 from vqtok import Tokenizer, TrainConfig, VQVAEConfig, train_vqvae  # noqa: E402
 from vqtok.jobs.trainer import cosine_lr, prefetch  # noqa: E402
-from vqtok.models.tokenizer import Preprocess  # noqa: E402
+from vqtok.models.preprocess import Preprocess  # noqa: E402
 from vqtok.models.vqgan import VQGANDecoder, VQGANEncoder  # noqa: E402
 from vqtok.models.vqvae import perplexity  # noqa: E402
 from vqtok.pipeline.image_stream import ImageStream  # noqa: E402

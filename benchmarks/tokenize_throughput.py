@@ -99,14 +99,15 @@ def decode_per_core(shard: str, image_size: int = 28, channels: int = 1) -> floa
     """Images/s one core reads and decodes from a shard (the Ray read task's work), no Ray."""
     import pyarrow as pa
 
-    from vqtok.models.tokenizer import Preprocess
+    from vqtok.models.preprocess import Preprocess
     from vqtok.pipeline.sources import list_units
-    from vqtok.pipeline.stages import read_units, unit_to_json
+    from vqtok.pipeline.stages import read_units
+    from vqtok.pipeline.unit_rows import unit_items
 
-    batch = pa.table({"unit": [unit_to_json(list_units(shard)[0])], "part_index": [0]})
+    batch = pa.Table.from_pylist(unit_items([(list_units(shard)[0], 0)]))
     t = time.perf_counter()
     n = sum(c.num_rows for c in read_units(batch, preprocess=Preprocess(image_size=image_size, channels=channels),
-                                           batch_size=256, max_pixels=1 << 26))
+                                           batch_size=256, max_pixels=1 << 26)) - 1  # less the unit's end row
     return n / (time.perf_counter() - t)
 
 
@@ -272,12 +273,11 @@ def photo_decode(folder: Path, image_size: int = 256) -> tuple[np.ndarray, float
     """Every file of the folder read and decoded as `vqtok tokenize` does (the bundle's policy), in
     this process on one core: (the images, img/s)."""
     from vqtok import Tokenizer
-    from vqtok.pipeline.sources import decode_image
-
+    
     pre = Tokenizer.load(photo_bundle()).preprocess
     files = sorted(folder.glob("*.jpg"))
     t = time.perf_counter()
-    images = np.stack([decode_image(f.read_bytes(), pre) for f in files])
+    images = np.stack([pre.decode(f.read_bytes()) for f in files])
     return images, len(files) / (time.perf_counter() - t)
 
 

@@ -14,7 +14,8 @@ from ..models import Tokenizer
 from ..models.config import Config, ConfigError, option
 from ..pipeline.evaluate import evaluate, save_eval_pictures
 from ..pipeline.image_stream import ImageStream
-from ..pipeline.sources import DEFAULT_MAX_PIXELS, FailureLog, list_units, split_patterns
+from ..models.preprocess import DEFAULT_MAX_PIXELS
+from ..pipeline.sources import FailureLog, list_units, split_patterns
 from .options import Command, job_main, save_json
 
 

@@ -158,7 +158,8 @@ class Pipeline:
             return _finished(c.path("train") / "metrics.json", c.stage_config("train").steps)
         if stage == "tokenize":
             from ..pipeline.sources import list_units
-            from ..pipeline.token_dataset import TokenDataset, input_changed
+            from ..pipeline.token_dataset import TokenDataset
+            from ..pipeline.token_format import input_changed
 
             try:
                 committed = TokenDataset(c.path("tokenize")).committed

@@ -144,7 +144,7 @@ def _save_tokens(s: Samples, path: str, prior: Prior) -> str:
         return str(p)
     import pyarrow.parquet as pq
 
-    from ..pipeline.token_dataset import dataset_metadata, part_table
+    from ..pipeline.token_format import dataset_metadata, part_table
 
     c = prior.cfg
     meta = dataset_metadata(codebook_size=c.codebook_size, tokenizer_id=c.tokenizer_id, grid=(c.grid_h, c.grid_w),

@@ -7,7 +7,8 @@
 Plan on the driver (units listed and sorted, fingerprint checked, committed units skipped), then a
 Ray Data stream: read + decode in Ray tasks (one per unit), encode in an actor pool that loads the
 tokenizer once per actor (on GPU when asked), token rows back to the driver, which commits each
-unit when its last row arrives (pipeline/token_dataset.py: TokenWriter). Kill it at any point and run the same command
+unit when its last row arrives (pipeline/unit_rows.py: the rows in flight; pipeline/token_writer.py:
+TokenWriter, the commit). Kill it at any point and run the same command
 again: it resumes and the dataset ends up exactly as a clean run writes it.
 """
 from __future__ import annotations
@@ -17,15 +18,19 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from ..models.bundle import read_bundle, vqtok_version
 from ..models.config import Config, ConfigError, option
+from ..models.preprocess import DEFAULT_MAX_PIXELS
 from ..models.tokenizer import Tokenizer
 from ..pipeline.errors import DataError
-from ..pipeline.sources import DEFAULT_MAX_PIXELS, FOLDER_UNIT_SIZE, Failure, list_units, split_patterns
-from ..pipeline.stages import BatchEncoder, UnitAssembler, read_units, unit_to_json
 from ..pipeline.lease import DEFAULT_TTL
-from ..pipeline.token_dataset import (CHANGED, ERRORS_DIR, REMOVED, Plan, TokenWriter, dataset_metadata, list_some,
-                                      part_table)
+from ..pipeline.sources import FOLDER_UNIT_SIZE, Failure, list_units, split_patterns
+from ..pipeline.stages import BatchEncoder, read_units
+from ..pipeline.token_format import ERRORS_DIR, dataset_metadata, part_table
+from ..pipeline.token_writer import CHANGED, REMOVED, OutputRefused, Plan, TokenWriter, list_some
+from ..pipeline.unit_rows import UnitCollector, unit_items
 from ._ray import check_address, check_resources, init_ray
 from .options import Command, job_main
 from .progress import fmt_duration
@@ -121,8 +126,12 @@ def run(cfg: TokenizeConfig) -> TokenizeResult:
                             preprocess=tok.preprocess.to_dict(), vqtok_version=vqtok_version())
     units = list_units(cfg.data, folder_unit_size=cfg.folder_unit_size)
     location = cfg.tokenizer if "://" in cfg.tokenizer else os.path.abspath(cfg.tokenizer)
-    with TokenWriter.open(cfg.out, meta, units, tokenizer_location=location, changed=cfg.changed_inputs,
-                          removed=cfg.removed_inputs, lease_seconds=cfg.lease_seconds) as output:
+    try:
+        output = TokenWriter.open(cfg.out, meta, units, tokenizer_location=location, changed=cfg.changed_inputs,
+                                  removed=cfg.removed_inputs, lease_seconds=cfg.lease_seconds)
+    except OutputRefused as e:
+        raise ConfigError(f"{e.found}: {_FIX_BY_FLAG[e.kind]}" if e.kind in _FIX_BY_FLAG else f"--out {e}") from None
+    with output:
         output.write_config(cfg.to_dict())
         pending = output.pending(units)
         skipped = len(units) - len(pending)
@@ -145,14 +154,31 @@ def run(cfg: TokenizeConfig) -> TokenizeResult:
     return result
 
 
+# what to do when TokenWriter.open refuses, in this command's flags
+_FIX_BY_FLAG = {
+    "unwritable": "choose a writable --out (directory or bucket prefix)",
+    "other_tokenizer": "write to a new --out, or delete it to start over",
+    "foreign_files": "give an empty or new --out directory for the token dataset",
+    "changed": "re-run with --changed-inputs redo to re-tokenize them (each part is replaced atomically), or restore "
+               "the inputs",
+    "removed": "re-run with --removed-inputs keep to keep their rows, or --removed-inputs drop to drop them (a clean "
+               "run over the inputs you gave would not have them)",
+}
+
+
 def _stream(cfg, bundle, tok, meta, output: TokenWriter, pending, say) -> tuple[int, list[Failure], float]:
     ray = init_ray(cfg.address)
     on_gpu = cfg.gpus_per_worker > 0
     threads = 0 if on_gpu else cfg.threads_per_worker  # 0: each encoder sizes it on its own node
     cpus = cfg.cpus_per_worker or (1.0 if on_gpu else 0.5)
     check_resources(ray, workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker, cpus_per_worker=cpus, decode_cpus=1)
-    ds = ray.data.from_items([{"unit": unit_to_json(u), "part_index": i} for u, i in pending],
-                             override_num_blocks=len(pending))
+    # Each batch is encoded in one call, so it must reach an encoder whole: Ray Data cuts a task's
+    # output into blocks of at most target_max_block_size (128 MiB by default; 256 images of 256 px
+    # RGB are 48 MiB, 1,024 of them 192 MiB), so that bound is raised to hold two batches.
+    context = ray.data.DataContext.get_current()
+    context.target_max_block_size = max(context.target_max_block_size or 0,
+                                        2 * cfg.batch_size * int(np.prod(tok.preprocess.shape)) + (1 << 20))
+    ds = ray.data.from_items(unit_items(pending), override_num_blocks=len(pending))
     # decoding reserves a whole CPU, the encoders less: the different resource shapes also keep Ray
     # Data from fusing the two stages into one actor, so decoding overlaps encoding
     ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=1,
@@ -161,24 +187,23 @@ def _stream(cfg, bundle, tok, meta, output: TokenWriter, pending, say) -> tuple[
     ds = ds.map_batches(BatchEncoder, batch_size=None, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=cfg.workers),
                         num_cpus=cpus, num_gpus=cfg.gpus_per_worker or None,
-                        fn_constructor_kwargs=dict(bundle=_StoredBundle(ray.put(bundle)), batch_size=cfg.batch_size,
+                        fn_constructor_kwargs=dict(bundle=_StoredBundle(ray.put(bundle)),
                                                    device="cuda" if on_gpu else "cpu", threads=threads,
                                                    workers=cfg.workers))
     unit_of = {i: u for u, i in pending}  # part index -> unit
-    assembler = UnitAssembler()
+    collector = UnitCollector()
     done_units, images, examples = 0, 0, []
     t_start, t_report = time.time(), time.time()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        for part_index, rows, failures in assembler.add(batch):
-            unit = unit_of[part_index]
-            # the encoders' columns go into the part as they are: no trip through Python lists
+        for finished in collector.add(batch):  # for each finished unit: commit
+            unit = unit_of[finished.part_index]
+            rows = finished.rows  # the encoders' columns go into the part as they are: no trip through Python
             table = part_table(meta, rows.column("key").combine_chunks(), rows.column("tokens").combine_chunks(),
                                rows.column("label").combine_chunks(), unit.url)
-            fails = [Failure(**f) for f in failures]
-            output.commit(unit, part_index, table, fails)
+            output.commit(unit, finished.part_index, table, finished.failures)
             done_units += 1
             images += table.num_rows
-            for f in fails[: max(0, 5 - len(examples))]:
+            for f in finished.failures[: max(0, 5 - len(examples))]:
                 examples.append(f)
                 say(f"vqtok tokenize: skipped {f.key!r} in {f.unit}: {f.reason}", flush=True)
             _check_failures(output, cfg, final=False)
@@ -186,8 +211,8 @@ def _stream(cfg, bundle, tok, meta, output: TokenWriter, pending, say) -> tuple[
         if now - t_report >= cfg.progress_seconds:
             t_report = now
             say(_progress(done_units, len(pending), images, now - t_start, output), flush=True)
-    if assembler.in_flight:
-        raise RuntimeError(f"{assembler.in_flight} units did not complete; re-run the same command to finish them")
+    if collector.in_flight:
+        raise RuntimeError(f"{collector.in_flight} units did not complete; re-run the same command to finish them")
     say(_progress(done_units, len(pending), images, time.time() - t_start, output), flush=True)
     return images, examples, time.time() - t_start
 

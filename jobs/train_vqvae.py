@@ -28,7 +28,8 @@ from ..models.config import ConfigError, option
 from ..pipeline.errors import DataError
 from ..pipeline.evaluate import evaluate, save_eval_pictures
 from ..pipeline.image_stream import ImageStream
-from ..pipeline.sources import DEFAULT_MAX_PIXELS, FailureLog, Unit, list_units, split_patterns
+from ..models.preprocess import DEFAULT_MAX_PIXELS
+from ..pipeline.sources import FailureLog, Unit, list_units, split_patterns
 from ..pipeline.viz import save_training_curves
 from .options import Command, job_main, save_json
 from .progress import fmt_duration

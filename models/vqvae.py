@@ -342,10 +342,7 @@ class VectorQuantizer(nn.Module):
     def forward(self, z: torch.Tensor) -> QuantizerOutput:
         with torch.autocast(device_type=z.device.type, enabled=False):
             b, c, h, w = z.shape
-            flat = z.float().permute(0, 2, 3, 1).reshape(-1, c)  # (N, C), N = B*h*w
-            z_e = self.proj_in(flat)  # (N, d)
-            if self.l2_normalize:
-                z_e = F.normalize(z_e, dim=-1)
+            z_e = self._code_space(z)  # (N, d), N = B*h*w
             initialized = bool(self.initialized)  # one host sync per step (CUDA)
             if self.training and not initialized:
                 self._gather_and_init(stop_gradient(z_e))
@@ -374,6 +371,20 @@ class VectorQuantizer(nn.Module):
                 commitment_loss=commitment_loss,
                 perplexity=perplexity(counts),
             )
+
+    def _code_space(self, z: torch.Tensor) -> torch.Tensor:
+        """Encoder output (B, C, h, w) -> the vectors compared with the codes, (B*h*w, d) fp32."""
+        flat = z.float().permute(0, 2, 3, 1).reshape(-1, z.shape[1])  # (N, C)
+        z_e = self.proj_in(flat)  # (N, d)
+        return F.normalize(z_e, dim=-1) if self.l2_normalize else z_e
+
+    @torch.no_grad()
+    def indices(self, z: torch.Tensor) -> torch.Tensor:
+        """Encoder output (B, C, h, w) -> nearest-code indices (B, h, w) int64: what tokens need and
+        nothing else (no losses, code counts or projection back out; no host sync)."""
+        with torch.autocast(device_type=z.device.type, enabled=False):
+            b, _, h, w = z.shape
+            return nearest_code(self._code_space(z), self.codebook).reshape(b, h, w)
 
     # ------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -558,7 +569,7 @@ class VQVAE(nn.Module):
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) -> token grid (B, g, g) int64."""
-        return self.quantizer(self.encoder(x)).indices
+        return self.quantizer.indices(self.encoder(x))
 
     @torch.no_grad()
     def decode(self, indices: torch.Tensor) -> torch.Tensor:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.tokenizer import Preprocess
+from ..models.preprocess import Preprocess
 from ..models.vqvae import perplexity
 from ..models.vqvae import VQVAE
 from .image_stream import ImageStream

@@ -17,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..models.tokenizer import Preprocess
+from ..models.preprocess import DEFAULT_MAX_PIXELS, DecodeError, Preprocess
 from .errors import DataError
-from .sources import DEFAULT_MAX_PIXELS, DecodeError, Failure, FailureLog, RawSample, Unit, decode_sample, iter_unit
+from .sources import Failure, FailureLog, RawSample, Unit, iter_unit
 
 
 @dataclass
@@ -118,7 +118,7 @@ class ImageStream:
             if consumed <= skip:
                 continue
             try:
-                pixels.append(decode_sample(raw, self.preprocess, self.max_pixels))
+                pixels.append(self.preprocess.decode(raw.data, self.max_pixels))
             except DecodeError as e:
                 self.failures.add(Failure(raw.key, raw.unit, str(e)))
                 continue

@@ -1,4 +1,4 @@
-"""Corpus sources: URL patterns -> sorted units of work -> raw samples -> decoded pixels.
+"""Corpus sources: URL patterns -> sorted units of work -> raw samples.
 
 A unit is the unit of work: one input file (a WebDataset tar shard, a Parquet file with an
 image-bytes column, an IDX file) or a fixed group of files of an image folder (a "folder unit").
@@ -6,26 +6,21 @@ Units are listed and sorted on the driver; everything downstream is a function o
 
     units = list_units(["/data/train-{000000..000099}.tar", "s3://bucket/more/*.tar"])
     for sample in iter_unit(units[0], on_failure=failures.add):
-        pixels = decode_sample(sample, preprocess)          # (S, S, C) uint8, or DecodeError
+        pixels = preprocess.decode(sample.data, max_pixels)  # (S, S, C) uint8, or DecodeError
 
 Raw samples carry encoded image bytes (tar members, image files) or already-decoded uint8 pixels
-(IDX). Decoding refuses what is not a safe, whole image: corrupt, truncated, zero-byte, non-image,
-oversized (decompression bombs: checked from the header, before any pixel is decoded) and odd-mode
-images raise DecodeError with the reason; callers skip and record them (a Failure each).
+(IDX); Preprocess.decode (models/preprocess.py) makes either into model pixels, and refuses what is
+not a safe, whole image with a DecodeError; callers skip and record those (a Failure each).
 """
 from __future__ import annotations
 
-import contextlib
 import gzip
 import hashlib
-import io
 import json
 import os
 import posixpath
 import re
 import tarfile
-import threading
-import warnings
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -33,10 +28,8 @@ from dataclasses import dataclass, field
 import fsspec
 import numpy as np
 from braceexpand import braceexpand
-from PIL import Image, UnidentifiedImageError
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from ..models.tokenizer import Preprocess
 from .errors import DataError
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
@@ -77,14 +70,8 @@ class Failure:
     reason: str
     # True when the unit itself is damaged (a cut-short or corrupt shard, an unreadable Parquet or
     # IDX file): one Failure then stands for every image lost after `key` ("<after N samples>"),
-    # however many, so jobs count these apart from bad images (is_unit_failure)
+    # however many, so jobs count these apart from bad images
     unit_damaged: bool = False
-
-
-def is_unit_failure(f: Failure | dict) -> bool:
-    """Whether a failure is a damaged unit rather than one bad image; takes a Failure or its
-    dataclasses.asdict form (what the tokenize stages send to the driver as JSON)."""
-    return bool(f.get("unit_damaged", False) if isinstance(f, dict) else f.unit_damaged)
 
 
 @dataclass
@@ -398,98 +385,3 @@ def _iter_files(unit: Unit, on_failure) -> Iterator[RawSample]:
             on_failure(Failure(key, unit.url, f"unreadable file {path} ({type(e).__name__}: {e})"))
             continue
         yield RawSample(key=key, data=data, label=label, unit=unit.url)
-
-
-# ---------------------------------------------------------------------------------------------
-# Decoding: raw sample -> preprocessed uint8 pixels
-# ---------------------------------------------------------------------------------------------
-DEFAULT_MAX_PIXELS = 64 * 1024 * 1024  # 64 Mpx: larger images are refused as decompression bombs
-
-
-class DecodeError(ValueError):
-    pass
-
-
-# PIL's own decompression-bomb check, at its stock limit (warns above ~89.5 Mpx, raises above twice
-# that), runs inside Image.open and some loaders (GIF frames, ICO, ...).
-_PIL_LIMIT = Image.MAX_IMAGE_PIXELS
-_PIL_LIMIT_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _pil_limit(max_pixels: int):
-    """Make PIL's check agree with ours (w * h > max_pixels, from the header) for one decode, so a
-    --max-image-pixels above PIL's limit is honoured. PIL reads a module global, shared by every
-    thread, so it is raised only for the call and restored after, under a lock that serialises
-    such calls: only decodes that need the raise take the lock (the default 64 Mpx does not, so
-    the common path stays lock-free and parallel), and one never restores the global under another.
-    A lock-free decode that runs meanwhile sees the raised value, which is harmless: its own header
-    check still applies its own, lower limit. Setting the global once for the whole process instead
-    would silently lift PIL's protection for every other user of PIL in it."""
-    if _PIL_LIMIT is None or max_pixels <= _PIL_LIMIT:
-        yield
-        return
-    with _PIL_LIMIT_LOCK:
-        saved = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = max_pixels
-        try:
-            yield
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
-
-
-def open_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, preprocess: Preprocess | None = None) -> Image.Image:
-    """Encoded image bytes -> a fully decoded PIL image, after the safety checks (empty input,
-    non-image, decompression bomb from the header, truncation). Raises DecodeError. With
-    `preprocess`, its draft step (a reduced JPEG decode, where its policy has one) runs after the
-    checks, which judge the original size, and before the pixels are decoded."""
-    if len(data) == 0:
-        raise DecodeError("zero-byte image")
-    try:
-        with _pil_limit(max_pixels), warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))  # reads the header only
-            w, h = img.size
-            if w * h > max_pixels:
-                raise DecodeError(
-                    f"decompression bomb refused: {w}x{h} = {w * h} pixels > max {max_pixels} "
-                    f"(raise --max-image-pixels if such images are genuine)"
-                )
-            if w == 0 or h == 0:
-                raise DecodeError(f"empty image ({w}x{h})")
-            if preprocess is not None:
-                preprocess.draft(img)
-            img.load()
-            return img
-    except DecodeError:
-        raise
-    except UnidentifiedImageError:
-        raise DecodeError(f"not an image ({len(data)} bytes starting {data[:8]!r})") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise DecodeError(f"decompression bomb refused: {e} (max {max_pixels} pixels: raise --max-image-pixels "
-                          f"if such images are genuine)") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        raise DecodeError(f"corrupt or truncated image ({type(e).__name__}: {e})") from None
-    except Exception as e:  # noqa: BLE001 - PIL's plugins raise more than the types above on crafted
-        # headers (TypeError, IndexError, struct.error, NotImplementedError...): one bad image must
-        # not end the job. BaseException (KeyboardInterrupt, SystemExit) still propagates.
-        raise DecodeError(f"undecodable image ({type(e).__name__} in the decoder: {e})") from None
-
-
-def decode_image(data: bytes, preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Encoded image bytes -> (S, S, C) uint8 following the preprocessing policy (its reduced JPEG
-    decode included: see models/tokenizer.py)."""
-    img = open_image(data, max_pixels, preprocess)
-    try:
-        return preprocess.pil_to_array(img)
-    except ValueError as e:  # a mode the policy cannot convert
-        raise DecodeError(str(e)) from None
-
-
-def decode_sample(raw: RawSample, preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    if isinstance(raw.data, np.ndarray):
-        try:
-            return preprocess.array_to_array(raw.data)
-        except ValueError as e:
-            raise DecodeError(str(e)) from None
-    return decode_image(raw.data, preprocess, max_pixels)

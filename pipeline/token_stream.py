@@ -26,7 +26,8 @@ import pyarrow.parquet as pq
 import torch
 
 from .errors import DataError
-from .token_dataset import METADATA_KEY, Part, TokenDataset, _DescribedByMetadata, iter_part_rows
+from .token_dataset import TokenDataset, _DescribedByMetadata, iter_part_rows
+from .token_format import METADATA_KEY, Part
 
 
 @dataclass

@@ -21,7 +21,8 @@ import pytest
 
 from conftest import PER_SHARD, png_bytes, write_shards
 from vqtok import ConfigError, TokenDataset, tokenize
-from vqtok.pipeline import token_dataset as td
+from vqtok.pipeline import token_format as fmt
+from vqtok.pipeline import token_writer as td
 from vqtok.pipeline.lease import LeaseHeld, LeaseLost
 from vqtok.pipeline.sources import Unit, list_units
 
@@ -30,7 +31,7 @@ from vqtok.pipeline.sources import Unit, list_units
 # Writer level: a fake tokenizer's metadata and synthetic parts
 # ----------------------------------------------------------------------------------------------
 def meta(tokenizer_id: str = "tok-a") -> dict:
-    return td.dataset_metadata(codebook_size=16, tokenizer_id=tokenizer_id, grid=(2, 2), preprocess={"p": 1},
+    return fmt.dataset_metadata(codebook_size=16, tokenizer_id=tokenizer_id, grid=(2, 2), preprocess={"p": 1},
                                vqtok_version="test")
 
 
@@ -40,7 +41,7 @@ def units(n: int, signature: str = "s") -> list[Unit]:
 
 def table(m: dict, unit: Unit, value: int, rows: int = 3) -> pa.Table:
     keys = [f"{unit.url}/{r}" for r in range(rows)]
-    return td.part_table(m, keys, np.full((rows, 2, 2), value, np.int64), [value] * rows, unit.url)
+    return fmt.part_table(m, keys, np.full((rows, 2, 2), value, np.int64), [value] * rows, unit.url)
 
 
 def write(out, m, us, value=1, **open_kw):
@@ -64,7 +65,7 @@ def test_a_second_writer_is_refused_naming_the_holder_until_the_first_ends(tmp_p
 
 HOLD = """
 import sys, time
-from vqtok.pipeline import token_dataset as td
+from vqtok.pipeline import token_writer as td
 sys.path.insert(0, {tests!r})
 from test_exactly_once import meta, units
 w = td.TokenWriter.open({out!r}, meta(), units(2))
@@ -121,24 +122,24 @@ def test_two_runs_started_at_the_same_moment_one_writes_and_the_dataset_is_never
 def test_commits_append_a_small_record_and_readers_see_exactly_the_committed_set(tmp_path):
     m, us = meta(), units(5)
     w = td.TokenWriter.open(str(tmp_path), m, us)
-    manifest_before = (tmp_path / td.MANIFEST).read_bytes()
+    manifest_before = (tmp_path / fmt.MANIFEST).read_bytes()
     for n, (u, i) in enumerate(w.pending(us)[:3], 1):
         w.commit(u, i, table(m, u, n), [])
         assert len(TokenDataset(tmp_path).parts) == n  # visible at once, to a reader in another object
-    assert (tmp_path / td.MANIFEST).read_bytes() == manifest_before  # not rewritten per commit
-    records = sorted((tmp_path / td.COMMITS_DIR).iterdir())
+    assert (tmp_path / fmt.MANIFEST).read_bytes() == manifest_before  # not rewritten per commit
+    records = sorted((tmp_path / fmt.COMMITS_DIR).iterdir())
     assert len(records) == 3 and all(r.stat().st_size < 400 for r in records)
     # an orphan part (written, never committed) and another run's stray record are not read
-    (tmp_path / td.part_name(3, "deadbeef")).write_bytes(b"garbage")
-    (tmp_path / td.COMMITS_DIR / f"{99:012d}-deadbeef.json").write_text(json.dumps(
+    (tmp_path / fmt.part_name(3, "deadbeef")).write_bytes(b"garbage")
+    (tmp_path / fmt.COMMITS_DIR / f"{99:012d}-deadbeef.json").write_text(json.dumps(
         {"unit": us[4].url, "part": "part-000004-deadbeef.parquet", "rows": 9, "bytes": 1, "sha256": "x",
          "failures": 0, "seq": 99}))
     ds = TokenDataset(tmp_path)
     assert [p.unit for p in ds.parts] == [u.url for u in us[:3]] and ds.num_rows == 9
     w.close()  # folds the records in, deletes the orphan and the stray record
-    assert not list((tmp_path / td.COMMITS_DIR).iterdir())
+    assert not list((tmp_path / fmt.COMMITS_DIR).iterdir())
     assert sorted(p.name for p in tmp_path.glob("part-*")) == sorted(p.name for p in ds.parts)
-    manifest = json.loads((tmp_path / td.MANIFEST).read_text())
+    manifest = json.loads((tmp_path / fmt.MANIFEST).read_text())
     assert len(manifest["committed"]) == 3 and manifest["rows"] == 9
     assert TokenDataset(tmp_path).to_table().equals(ds.to_table())
 
@@ -163,7 +164,7 @@ def test_a_reader_racing_a_compaction_still_sees_every_committed_part(tmp_path, 
     real_cat, compacted = td.LocalFileSystem.cat_file, []
 
     def cat_then_compact(self, path, *a, **k):  # the writer compacts between the reader's listing and its reads
-        if td.COMMITS_DIR in str(path) and not compacted:
+        if fmt.COMMITS_DIR in str(path) and not compacted:
             compacted.append(1)
             w.compact()
         return real_cat(self, path, *a, **k)
@@ -202,7 +203,7 @@ def test_s3_lease_refuses_a_live_holder_takes_over_an_expired_one_and_fences_the
     assert ds.num_rows == 9 and ds.verify() == []
     fs = fsspec.filesystem("s3")
     fs.invalidate_cache()
-    assert not [p for p in fs.ls(out) if td.part_name(i2, a.lease.run) in p]  # a's late part: deleted at b's close
+    assert not [p for p in fs.ls(out) if fmt.part_name(i2, a.lease.run) in p]  # a's late part: deleted at b's close
     # a heartbeat that finds its lease taken stops the run before its next commit
     c = td.TokenWriter.open(out, m, us, lease_seconds=2)
     c.lease.etag = "not-the-current-etag"
@@ -312,7 +313,7 @@ def test_parquet_and_idx_inputs_changed_or_added_give_the_clean_dataset(tmp_path
 def dataset_with_orphan(tmp_path) -> Path:
     m, us = meta(), units(3)
     write(tmp_path, m, us)
-    orphan = tmp_path / td.part_name(7, "deadbeef")
+    orphan = tmp_path / fmt.part_name(7, "deadbeef")
     shutil.copy(TokenDataset(tmp_path).files()[0], orphan)  # a valid Parquet file nobody committed
     return tmp_path
 

@@ -12,7 +12,6 @@ from PIL import Image
 from conftest import REPO, PER_SHARD
 from vqtok import Prior, TokenDataset, Tokenizer, VQVAEConfig, tokenize, train_prior
 from vqtok.models import VQVAE
-from vqtok.pipeline.sources import decode_image
 
 PHOTOS = REPO / "examples" / "photos"
 
@@ -68,7 +67,7 @@ def test_256px_photographs_tokenize_to_16x16_grids_equal_to_encode(tmp_path, pho
     differ = 0
     for key, grid in zip(t.column("key").to_pylist(), tokens):
         path = photo_folder / f"{key}.jpg"  # a folder key is the relative path without its extension
-        pixels = decode_image(path.read_bytes(), tok.preprocess)
+        pixels = tok.preprocess.decode(path.read_bytes())
         assert pixels.shape == (256, 256, 3)
         expected = tok.encode(pixels[None]).numpy()[0]
         for i, j in zip(*np.nonzero(grid != expected)):

@@ -12,8 +12,8 @@ from PIL import Image, ImageDraw
 
 from vqtok import Tokenizer, VQVAEConfig
 from vqtok.models import VQVAE
-from vqtok.models.tokenizer import LEGACY_POLICY, POLICY, Preprocess
-from vqtok.pipeline.sources import DecodeError, decode_image, open_image
+from vqtok.models.preprocess import LEGACY_POLICY, POLICY, Preprocess
+from vqtok.models.preprocess import DecodeError
 
 W, H = 3000, 2000  # a 6 Mpx camera-sized original
 
@@ -52,7 +52,7 @@ def whole_decode(data: bytes, pre: Preprocess) -> np.ndarray:
     """The old policy done by hand: every pixel decoded, then resize and crop."""
     img = Image.open(io.BytesIO(data))
     img.load()
-    return pre.pil_to_array(img)
+    return pre.decode(img)
 
 
 @pytest.mark.parametrize("channels", [3, 1])
@@ -60,9 +60,9 @@ def test_new_policy_decodes_a_large_jpeg_reduced_and_close_to_the_whole_decode(j
     pre = Preprocess(image_size=256, channels=channels)
     assert pre.policy == POLICY
     # the decoder really works at reduced size: 1/2 keeps the shorter side >= 2 x 256
-    assert open_image(jpeg, preprocess=pre).size == (W // 2, H // 2)
-    assert open_image(jpeg, preprocess=Preprocess(image_size=64, channels=channels)).size == (W // 8, H // 8)
-    new, full = decode_image(jpeg, pre), whole_decode(jpeg, pre)
+    assert pre.open(jpeg).size == (W // 2, H // 2)
+    assert Preprocess(image_size=64, channels=channels).open(jpeg).size == (W // 8, H // 8)
+    new, full = pre.decode(jpeg), whole_decode(jpeg, pre)
     assert new.shape == full.shape == (256, 256, channels) and new.dtype == np.uint8
     assert not np.array_equal(new, full)  # a different decode ...
     assert psnr(new, full) > 48  # ... within a bound that a 1/4-scale decode (~41 dB here) misses
@@ -71,8 +71,8 @@ def test_new_policy_decodes_a_large_jpeg_reduced_and_close_to_the_whole_decode(j
 def test_new_policy_on_a_grayscale_jpeg():
     data = photo_like(mode="L")
     pre = Preprocess(image_size=256, channels=1)
-    assert open_image(data, preprocess=pre).size == (W // 2, H // 2)
-    assert psnr(decode_image(data, pre), whole_decode(data, pre)) > 48
+    assert pre.open(data).size == (W // 2, H // 2)
+    assert psnr(pre.decode(data), whole_decode(data, pre)) > 48
 
 
 @pytest.mark.parametrize("recorded", ["old", "none", "no-preprocess-key"])
@@ -92,12 +92,12 @@ def test_bundles_that_recorded_the_old_policy_or_none_give_the_whole_decode_bit_
     cfg_path.write_text(json.dumps(cfg))
     old = Tokenizer.load(tmp_path / "tok")
     assert old.preprocess.policy == LEGACY_POLICY
-    assert open_image(jpeg, preprocess=old.preprocess).size == (W, H)  # no reduced decode
-    pixels = decode_image(jpeg, old.preprocess)
+    assert old.preprocess.open(jpeg).size == (W, H)  # no reduced decode
+    pixels = old.preprocess.decode(jpeg)
     assert np.array_equal(pixels, whole_decode(jpeg, old.preprocess))
     assert torch.equal(old.encode(pixels[None]), old.encode(whole_decode(jpeg, old.preprocess)[None]))
     # the new policy would have decoded this image differently (so the test above can fail)
-    assert not np.array_equal(decode_image(jpeg, Preprocess(image_size=32, channels=3)), pixels)
+    assert not np.array_equal(Preprocess(image_size=32, channels=3).decode(jpeg), pixels)
     # re-saving keeps the recorded policy; token datasets record the same preprocess dict
     old.save(tmp_path / "again")
     assert json.loads((tmp_path / "again" / "config.json").read_text())["preprocess"] == old.preprocess.to_dict()
@@ -114,8 +114,8 @@ def test_a_new_tokenizer_records_the_new_policy_and_keeps_it_on_load(tmp_path):
 def test_a_png_is_decoded_whole_under_either_policy():
     data = photo_like(fmt="PNG")
     new, old = Preprocess(image_size=256, channels=3), Preprocess(image_size=256, channels=3, policy=LEGACY_POLICY)
-    assert open_image(data, preprocess=new).size == (W, H)
-    assert np.array_equal(decode_image(data, new), decode_image(data, old))
+    assert new.open(data).size == (W, H)
+    assert np.array_equal(new.decode(data), old.decode(data))
 
 
 def test_a_small_jpeg_is_decoded_whole():
@@ -123,8 +123,8 @@ def test_a_small_jpeg_is_decoded_whole():
     buf = io.BytesIO()
     img.save(buf, "JPEG", quality=90)
     pre = Preprocess(image_size=256, channels=3)  # 384 < 2 x 256: no reduction
-    assert open_image(buf.getvalue(), preprocess=pre).size == (512, 384)
-    assert np.array_equal(decode_image(buf.getvalue(), pre), whole_decode(buf.getvalue(), pre))
+    assert pre.open(buf.getvalue()).size == (512, 384)
+    assert np.array_equal(pre.decode(buf.getvalue()), whole_decode(buf.getvalue(), pre))
 
 
 def test_an_unknown_policy_is_refused_by_name(tmp_path):
@@ -143,6 +143,6 @@ def test_an_unknown_policy_is_refused_by_name(tmp_path):
 def test_the_reduced_decode_still_judges_max_pixels_on_the_original_size(jpeg):
     pre = Preprocess(image_size=64, channels=3)  # would decode at 1/8: 375 x 250
     with pytest.raises(DecodeError, match=f"decompression bomb refused: {W}x{H} = {W * H} pixels > max {W * H - 1}"):
-        decode_image(jpeg, pre, max_pixels=W * H - 1)
-    assert open_image(jpeg, max_pixels=W * H, preprocess=pre).size == (W // 8, H // 8)
-    assert decode_image(jpeg, pre, max_pixels=W * H).shape == (64, 64, 3)
+        pre.decode(jpeg, max_pixels=W * H - 1)
+    assert pre.open(jpeg, max_pixels=W * H).size == (W // 8, H // 8)
+    assert pre.decode(jpeg, max_pixels=W * H).shape == (64, 64, 3)

@@ -7,7 +7,7 @@ import pytest
 
 from conftest import SAMPLE_DIR, SAMPLE_IMAGES, png_bomb_header, png_bytes, write_tar
 from vqtok import DataError, Preprocess, convert
-from vqtok.pipeline.sources import DecodeError, decode_image, decode_sample
+from vqtok.models.preprocess import DecodeError
 from vqtok.pipeline.sources import FailureLog, iter_unit, list_units, split_patterns
 from vqtok.pipeline.image_stream import ImageStream
 
@@ -108,13 +108,13 @@ def test_odd_modes_follow_the_policy():
         return b.getvalue()
 
     rgba = Image.new("RGBA", (40, 30), (0, 0, 0, 0))  # fully transparent -> white
-    assert decode_image(enc(rgba), PRE).min() == 255
+    assert PRE.decode(enc(rgba)).min() == 255
     i16 = Image.fromarray(np.full((28, 28), 65535, dtype=np.uint16))
-    assert decode_image(enc(i16), PRE).min() == 255
+    assert PRE.decode(enc(i16)).min() == 255
     pal = Image.new("P", (28, 28))
-    assert decode_image(enc(pal), Preprocess(image_size=16, channels=3)).shape == (16, 16, 3)
+    assert Preprocess(image_size=16, channels=3).decode(enc(pal)).shape == (16, 16, 3)
     with pytest.raises(DecodeError, match="bomb"):
-        decode_image(enc(Image.new("L", (100, 100))), PRE, max_pixels=5000)
+        PRE.decode(enc(Image.new("L", (100, 100))), max_pixels=5000)
 
 
 def test_patterns_that_match_nothing_are_named(tmp_path):
@@ -173,23 +173,27 @@ def test_parquet_files_with_image_bytes(tmp_path, fmnist):
     assert [s.key for s in samples] == ["k0", "k1", "k2", "k3", "k4", "b/00000000", "b/00000001", "b/00000002"]
     assert [s.label for s in samples] == [int(x) for x in labels[:5]] + [1, 2, 3]
     pre = Preprocess(image_size=28, channels=1)
-    np.testing.assert_array_equal(decode_sample(samples[6], pre)[..., 0], images[6])
+    np.testing.assert_array_equal(pre.decode(samples[6].data)[..., 0], images[6])
     with pytest.raises(DecodeError, match="not an image"):
-        decode_sample(samples[4], pre)
+        pre.decode(samples[4].data)
     assert len(failures) == 1 and "no image column" in failures[0].reason and "text" in failures[0].reason
 
 
 def test_a_damaged_unit_is_marked_apart_from_bad_images(tmp_path, fmnist):
     """A cut-short shard loses every member after the cut but is one Failure: it is marked as a
-    unit failure (is_unit_failure) so a job can count damaged units apart from bad images, also
-    after the trip through JSON that failures make between the Ray stages and the driver."""
-    import dataclasses
-    import json
-
+    unit failure (Failure.unit_damaged) so a job can count damaged units apart from bad images, also
+    after the trip through the typed Arrow column that carries failures from the Ray stages to the
+    driver (pipeline/unit_rows.py)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from vqtok.pipeline.sources import Failure, is_unit_failure
+    from vqtok.pipeline.sources import Failure
+    from vqtok.pipeline.unit_rows import UnitCollector, UnitRows
+
+    def collected_failures(codec, failures):
+        end = codec.end_row(0, 0, failures)
+        (done,) = UnitCollector().add(UnitRows.with_tokens(end, pa.nulls(1, pa.list_(pa.uint16()))))
+        return done.failures
 
     members = [(f"{i:03d}.png", png_bytes(fmnist[0][i])) for i in range(20)] + [("bad.png", b"junk")]
     full = write_tar(tmp_path / "full.tar", members).read_bytes()
@@ -208,13 +212,13 @@ def test_a_damaged_unit_is_marked_apart_from_bad_images(tmp_path, fmnist):
             list(iter_unit(unit, found.append))
         return found
 
+    codec = UnitRows((4, 4, 1))
     for name in ("cut.tar", "cut.parquet", "noimage.parquet", "bad-images-idx3-ubyte"):
         (f,) = failures_of(name)
-        assert is_unit_failure(f), (name, f)
-        d = json.loads(json.dumps(dataclasses.asdict(f)))  # as read_units sends it to the driver
-        assert is_unit_failure(d) and is_unit_failure(Failure(**d))
+        assert f.unit_damaged, (name, f)
+        assert collected_failures(codec, [f]) == [f]  # the typed column the tokenize stages send keeps it
     (member,) = failures_of("ok.tar")
-    assert not is_unit_failure(member) and not is_unit_failure(dataclasses.asdict(member))
+    assert not member.unit_damaged and collected_failures(codec, [member]) == [member]
     assert Failure("k", "u", "r") == Failure(key="k", unit="u", reason="r")  # the fields callers pass
 
 
@@ -241,7 +245,7 @@ def _tiff_with_rational_strip_offsets() -> bytes:
 
 def test_any_decoder_exception_is_a_decode_error_naming_its_type():
     with pytest.raises(DecodeError, match="TypeError"):
-        decode_image(_tiff_with_rational_strip_offsets(), PRE)
+        PRE.decode(_tiff_with_rational_strip_offsets())
 
 
 def test_max_image_pixels_above_pils_own_limit_lets_genuine_large_images_through():
@@ -251,7 +255,7 @@ def test_max_image_pixels_above_pils_own_limit_lets_genuine_large_images_through
 
     from PIL import Image
 
-    from vqtok.pipeline.sources import open_image
+    from vqtok.models.preprocess import open_image
 
     size = (18_000, 10_000)  # 180 Mpx, a real PNG: mode "1" compresses to ~22 kB, decodes in ~0.3 s
     assert size[0] * size[1] > 2 * Image.MAX_IMAGE_PIXELS

@@ -17,7 +17,8 @@ import pytest
 from conftest import (PER_SHARD, committed, kill_group, make_bundle, part_hashes, pids_with, png_bomb_header, png_bytes,
                       run_cli, start_tokenize, wait_for, write_shards, write_tar)
 from vqtok import ConfigError, DataError, TokenDataset, Tokenizer, tokenize
-from vqtok.pipeline import token_dataset as plan
+from vqtok.pipeline import token_writer as plan
+from vqtok.pipeline.token_format import part_name
 
 
 def expected_rows(bundle: Path, images, labels, n_shards: int, batch: int):
@@ -132,7 +133,7 @@ def test_crash_between_part_write_and_commit_redoes_the_unit(tmp_path, bundle, s
     def crash_on_third(self, unit, index, table, failures):
         calls.append(index)
         if len(calls) == 3:  # write the part (with a corrupt payload), then die before the manifest
-            self._put(plan.part_name(index, self.lease.run), b"half-written garbage")
+            self._put(part_name(index, self.lease.run), b"half-written garbage")
             raise KeyboardInterrupt("simulated crash")
         return real_commit(self, unit, index, table, failures)
 

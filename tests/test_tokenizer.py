@@ -63,8 +63,8 @@ def test_encode_applies_the_bundle_preprocessing(tokenizer):
     t = tokenizer.encode(big)
     assert t.shape == (2, 7, 7)
     pil = [Image.fromarray(a).convert("L").resize((35, 28), Image.Resampling.BICUBIC) for a in big]
-    assert tokenizer.prepare(big).shape == (2, 28, 28, 1)
-    assert tokenizer.prepare(pil).shape == (2, 28, 28, 1)
+    assert tokenizer.preprocess.batch(big).shape == (2, 28, 28, 1)
+    assert tokenizer.preprocess.batch(pil).shape == (2, 28, 28, 1)
 
 
 def test_rgb_tokenizer(tmp_path):

@@ -16,7 +16,8 @@ from PIL import Image
 from conftest import make_bundle, run_cli, wait_for
 from vqtok import DataError, Prior, TokenDataset, Tokenizer, train_prior
 from vqtok.pipeline.sources import Unit
-from vqtok.pipeline.token_dataset import TokenWriter, dataset_metadata, part_table
+from vqtok.pipeline.token_format import dataset_metadata, part_table
+from vqtok.pipeline.token_writer import TokenWriter
 from vqtok.pipeline.token_stream import TokenCorpus, TokenStream
 
 ROWS_PER_PART = 150
