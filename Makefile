@@ -87,3 +87,10 @@ bench-photo: $(BENCH_STAMP)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info
+
+# which vqtok files and functions one image passes through (tokenize -> train-prior -> sample), and the
+# README's reading order checked against them; about a minute. TRACE_ARGS: e.g. --label after --compare
+# benchmarks/trace_before.json
+.PHONY: bench-trace
+bench-trace: $(STAMP)
+	$(BIN)/python benchmarks/trace_path.py $(TRACE_ARGS)
