@@ -11,7 +11,7 @@ are rebuilt from lineage ("Attempting to recover N lost objects by resubmitting 
 the encoder actors that were on it are restarted elsewhere, and the batch each was working on is
 resubmitted ("The actor is temporarily unavailable: ... The actor was restarted": Ray Data starts
 its actor pools with max_restarts=-1 and max_task_retries=-1). Should a retried task deliver a
-batch twice, the driver's UnitAssembler drops the copy (rows are keyed by (part_index, pos)), and
+batch twice, the driver's UnitCollector drops the copy (rows are keyed by (part_index, pos)), and
 a unit is committed once, whole.
 
 With a 1-CPU head the survivors cannot run the job: the two restarted encoders (0.5 CPU each)
