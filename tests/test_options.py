@@ -194,3 +194,51 @@ def test_dependencies_point_one_way():
                 if target == "top" or order[target] > order[layer]:
                     bad.append(f"{path.relative_to(REPO)} imports {target}")
     assert not bad, bad
+
+
+def _module_graph() -> dict[str, set[str]]:
+    """Module -> the package modules it imports ('kernels.nearest_code', ...), at the top or inside a
+    function (a lazy import still closes a circle for a reader)."""
+    def name(p: Path) -> str:
+        rel = p.relative_to(REPO).with_suffix("").parts
+        return ".".join(rel[:-1] if rel[-1] == "__init__" else rel)
+
+    modules = {name(p): p for layer in ("kernels", "models", "pipeline", "jobs") for p in (REPO / layer).glob("*.py")}
+    graph = {}
+    for mod, path in modules.items():
+        package = mod if path.name == "__init__.py" else mod.rpartition(".")[0]
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                base = package.split(".")[: package.count(".") + 1 - (node.level - 1)]
+                target = ".".join([*base, *(node.module or "").split(".")]).strip(".")
+            elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vqtok."):
+                target = node.module[len("vqtok."):]
+            else:
+                continue
+            for alias in node.names:  # `from . import x` names a module, `from .m import f` a module's member
+                deps.add(f"{target}.{alias.name}" if f"{target}.{alias.name}" in modules else target)
+        graph[mod] = {d for d in deps if d in modules and d != mod}
+    return graph
+
+
+def test_no_circular_imports_between_modules():
+    graph = _module_graph()
+    assert graph["kernels.nearest_code"] >= {"kernels.triton_kernel", "kernels.distance"}  # the graph sees lazy imports
+    cycles, state = [], {}
+
+    def visit(mod, stack):
+        state[mod] = "open"
+        stack.append(mod)
+        for dep in sorted(graph[mod]):
+            if state.get(dep) == "open":
+                cycles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+            elif dep not in state:
+                visit(dep, stack)
+        stack.pop()
+        state[mod] = "done"
+
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod, [])
+    assert not cycles, cycles
