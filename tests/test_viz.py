@@ -139,7 +139,9 @@ def check_usage_plot(path, counts, ax) -> None:
     # (columns over several codes of nearly one count count too: the ramp's bars are narrower than a pixel)
     near_singles = singles + [(col, r, rb, math.sqrt(hi * lo), lo) for col, r, rb, hi, lo in spans if hi <= lo * 1.01]
     clear = [(r, v) for _, r, rb, v, _ in near_singles if r == rb]  # no share line on the top
-    a, b = fit([math.log10(v) for _, v in clear] + [math.log10(floor)], [r for r, _ in clear] + [float(np.median(bases))])
+    assert clear, "no bar top measured clear of the legend and the share line"
+    a, b = fit([math.log10(v) for _, v in clear] + [math.log10(floor)],
+               [r for r, _ in clear] + [float(np.median(bases))])
     assert b < 0, "larger counts are not drawn higher"
     row = lambda v: a + b * math.log10(v)  # noqa: E731
     for col, r, rb, vmax, vmin in singles + spans:  # a column over several codes: between the tallest and the shortest
@@ -229,7 +231,10 @@ def check_markers(px, ax, expected: dict[str, list[tuple[float, float]]], log_y:
         found = markers(px, TAB[color], legend)
         assert len(found) == len(pts), f"{color}: {len(found)} markers for {len(pts)} points {pts}"
         for (x, y), (col, row) in zip(sorted(pts), found):
-            xs.append(x), ys.append(math.log10(y) if log_y else y), cols.append(col), rows.append(row)
+            xs.append(x)
+            ys.append(math.log10(y) if log_y else y)
+            cols.append(col)
+            rows.append(row)
     ax_, bx = fit(xs, cols)
     ay, by = fit(ys, rows)
     assert bx > 0 and by < 0, "x does not grow to the right or y upwards"
@@ -378,7 +383,8 @@ RGB = RNG.integers(0, 256, (12, 80, 80, 3), dtype=np.uint8)
 
 
 def test_image_grid_puts_each_image_in_its_cell(tmp_path):
-    assert (read(save_image_grid([GRAY[:10], GRAY[10:13]], tmp_path / "g.png")) == grid_of([GRAY[:10], GRAY[10:13]])).all()
+    got = read(save_image_grid([GRAY[:10], GRAY[10:13]], tmp_path / "g.png"))
+    assert (got == grid_of([GRAY[:10], GRAY[10:13]])).all()
     got = read(save_image_grid([RGB[:3], RGB[3:5]], tmp_path / "c.png", scale=2, pad=4))
     assert got.shape == (2 * (2 * 84 + 4), 2 * (3 * 84 + 4), 3)
     assert (got == grid_of([RGB[:3], RGB[3:5]], pad=4, scale=2)).all()
