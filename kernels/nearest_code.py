@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from .distance import distance_to
+
 _BACKENDS = ("auto", "triton", "torch")
 _PRECISIONS = ("exact", "fast")
 
@@ -112,9 +114,3 @@ def nearest_code_torch(
             idx[start:stop] = s.argmin(dim=1)  # the first minimal index on ties
     return idx, distance_to(x, e, idx) if return_distance else None
 
-
-def distance_to(x: torch.Tensor, codebook: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """||x - e_idx||^2 measured directly (O(N*D)): exactly 0 when x equals its code, never < 0,
-    free of the cancellation in ||x||^2 + ||e||^2 - 2 x.e."""
-    diff = x.float() - codebook.float()[idx]
-    return (diff * diff).sum(dim=1)

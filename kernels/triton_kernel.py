@@ -54,7 +54,7 @@ with _interpreter_env():
     import triton
     import triton.language as tl
 
-from .nearest_code import distance_to  # noqa: E402
+from .distance import distance_to  # noqa: E402
 
 FP16_UNIT = 2.0**-11  # unit roundoff of float16 (11 significant bits)
 FP16_SAFE = 30_000.0  # operands beyond this (in magnitude) take the exact path

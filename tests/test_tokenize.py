@@ -118,9 +118,15 @@ def test_a_different_tokenizer_into_the_same_out_is_refused(tmp_path, bundle, sh
     out = tmp_path / "tokens"
     tokenize(bundle, str(shards / "shard-0000.tar"), out, verbose=False)
     other = make_bundle(tmp_path / "other", seed=1)
-    with pytest.raises(ConfigError, match="already holds tokens from another tokenizer"):
+    held, new = Tokenizer.load(bundle).id, Tokenizer.load(other).id
+    assert held[:12] != new[:12]
+    with pytest.raises(ConfigError, match="already holds tokens from another tokenizer") as e:
         tokenize(other, str(shards / "shard-0000.tar"), out, verbose=False)
-    assert TokenDataset(out).tokenizer_id == Tokenizer.load(bundle).id
+    msg = str(e.value)
+    # names both tokenizers (by short id: the one OUT holds, then this run's) and says how to go on
+    assert held[:12] in msg and new[:12] in msg and msg.index(held[:12]) < msg.index(new[:12]), msg
+    assert str(out) in msg and "a new --out" in msg and "delete" in msg, msg  # the place, and the fix
+    assert TokenDataset(out).tokenizer_id == held
 
 
 def test_crash_between_part_write_and_commit_redoes_the_unit(tmp_path, bundle, shards, monkeypatch, ray_local):
