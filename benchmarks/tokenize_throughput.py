@@ -101,8 +101,7 @@ def decode_per_core(shard: str, image_size: int = 28, channels: int = 1) -> floa
 
     from vqtok.models.preprocess import Preprocess
     from vqtok.pipeline.sources import list_units
-    from vqtok.pipeline.stages import read_units
-    from vqtok.pipeline.unit_rows import unit_items
+    from vqtok.pipeline.stages import read_units, unit_items
 
     batch = pa.Table.from_pylist(unit_items([(list_units(shard)[0], 0)]))
     t = time.perf_counter()

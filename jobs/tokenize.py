@@ -7,7 +7,7 @@
 Plan on the driver (units listed and sorted, fingerprint checked, committed units skipped), then a
 Ray Data stream: read + decode in Ray tasks (one per unit), encode in an actor pool that loads the
 tokenizer once per actor (on GPU when asked), token rows back to the driver, which commits each
-unit when its last row arrives (pipeline/unit_rows.py: the rows in flight; pipeline/token_writer.py:
+unit when its last row arrives (pipeline/stages.py: the stages and the rows in flight; pipeline/token_writer.py:
 TokenWriter, the commit). Kill it at any point and run the same command
 again: it resumes and the dataset ends up exactly as a clean run writes it.
 """
@@ -27,10 +27,9 @@ from ..models.tokenizer import Tokenizer
 from ..pipeline.errors import DataError
 from ..pipeline.lease import DEFAULT_TTL
 from ..pipeline.sources import FOLDER_UNIT_SIZE, Failure, list_units, split_patterns
-from ..pipeline.stages import BatchEncoder, read_units
 from ..pipeline.token_format import ERRORS_DIR, dataset_metadata, part_table
 from ..pipeline.token_writer import CHANGED, REMOVED, OutputRefused, Plan, TokenWriter, list_some
-from ..pipeline.unit_rows import UnitCollector, unit_items
+from ..pipeline.stages import BatchEncoder, UnitCollector, read_units, unit_items
 from ._ray import check_address, check_resources, init_ray
 from .options import Command, job_main
 from .progress import fmt_duration

@@ -1,26 +1,191 @@
-"""The stages of batch tokenization, as plain functions on Arrow tables (Ray Data runs them, from
-jobs/tokenize.py; tests and benchmarks can call them directly). The rows between them are
-pipeline/unit_rows.py's (UnitRows: the schema, batches, end of unit, failures).
+"""The stages of batch tokenization and the rows between them, as plain functions and classes on
+Arrow tables (Ray Data runs the stages, from jobs/tokenize.py; tests and benchmarks call them directly):
 
     read_units      (Ray tasks)   a unit -> batches of preprocessed pixels, then its end row
     BatchEncoder    (Ray actors)  pixels -> token grids, one (unit, batch) group per encode call
     UnitCollector   (driver)      token rows -> one complete, ordered table per unit, for commit
+
+The rows in flight have one codec, UnitRows. Every unit travels as Arrow tables of one schema, in
+two kinds of row:
+
+    image row   part_index, batch, pos, key, label, pixels (S*S*C bytes), [extra per-row columns]
+    end row     part_index, images (the unit's number of good images), failures; pixels null
+
+A read task sends a unit's image rows in batches, then exactly one end row, which also stands for
+an empty unit; failures are a typed column (list<struct<key, unit, reason, unit_damaged>>), not
+text. `batch` is fixed once, when the read task cuts the unit into batches of --batch-size: the
+encoders encode each (part_index, batch) group in one call, so what is encoded together depends on
+the data only, never on how Ray spreads rows over workers, and `vqtok tokenize` gives exactly
+`Tokenizer.encode_file(unit_files, batch_size)`, byte-identical with 1 or N encoders (a batch must
+reach an encoder whole: jobs/tokenize.py keeps Ray Data's blocks large enough). The encoders
+replace `pixels` by `tokens` (null on end rows). The driver's UnitCollector gathers rows by unit,
+drops the copies a retried read task delivers twice (by pos; rows of a unit already handed back),
+and hands back each unit once, when its end row and all its image rows are in.
 """
 from __future__ import annotations
 
+import json
 import os
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from ..models.preprocess import DecodeError, Preprocess
-from .sources import Failure, iter_unit
+from .sources import Failure, Unit, iter_unit
 from .token_format import tokens_array
-from .unit_rows import UnitRows, units_of
 
 
+# ---------------------------------------------------------------------------------------------
+# The rows in flight
+# ---------------------------------------------------------------------------------------------
+FAILURE_TYPE = pa.struct([("key", pa.string()), ("unit", pa.string()), ("reason", pa.string()),
+                          ("unit_damaged", pa.bool_())])
+
+
+# --- what the read tasks are given: one row per unit ------------------------------------------
+def unit_items(pending: Sequence[tuple[Unit, int]]) -> list[dict]:
+    """(unit, part_index) pairs -> the rows of the dataset the read tasks map over."""
+    return [{"unit": json.dumps(asdict(u)), "part_index": i} for u, i in pending]
+
+
+def units_of(items: pa.Table) -> Iterator[tuple[Unit, int]]:
+    """The inverse of unit_items, in a read task."""
+    for text, part_index in zip(items.column("unit").to_pylist(), items.column("part_index").to_pylist()):
+        d = json.loads(text)
+        yield Unit(**{**d, "files": tuple(d["files"]), "labels": tuple(d["labels"])}), part_index
+
+
+@dataclass
+class FinishedUnit:
+    part_index: int
+    rows: pa.Table  # the unit's image rows ordered by pos: key, label, tokens and the extra columns
+    failures: list[Failure]
+
+
+class UnitRows:
+    """The codec: the schema, how rows are made (read side) and how encoders see them (the driver's
+    side is UnitCollector). `extra`: more per-row columns, carried from the read
+    tasks to the committed rows unchanged (null on end rows)."""
+
+    def __init__(self, shape: tuple[int, int, int], extra: Sequence[pa.Field] = ()):
+        self.shape = tuple(shape)  # (S, S, C) uint8 pixels per image
+        self.pixel_bytes = int(np.prod(self.shape))
+        self.extra = list(extra)
+        self.schema = pa.schema([
+            ("part_index", pa.int32()), ("batch", pa.int32()), ("pos", pa.int64()), ("key", pa.string()),
+            ("label", pa.int32()), ("pixels", pa.binary(self.pixel_bytes)), ("images", pa.int64()),
+            ("failures", pa.list_(FAILURE_TYPE)), *self.extra,
+        ])
+
+    # --- read side ------------------------------------------------------------------------------
+    def image_rows(self, part_index: int, batch: int, start: int, keys: list[str], labels: list[int | None],
+                   pixels: list[bytes], extra: dict[str, list] | None = None) -> pa.Table:
+        """One batch of a unit's good images; `start` is the first one's position in the unit."""
+        n = len(keys)
+        extra = extra or {}
+        return pa.Table.from_arrays([
+            pa.array(np.full(n, part_index, np.int32)), pa.array(np.full(n, batch, np.int32)),
+            pa.array(np.arange(start, start + n, dtype=np.int64)), pa.array(keys, pa.string()),
+            pa.array(labels, pa.int32()), pa.array(pixels, pa.binary(self.pixel_bytes)),
+            pa.nulls(n, pa.int64()), pa.nulls(n, pa.list_(FAILURE_TYPE)),
+            *(pa.array(extra.get(f.name, [None] * n), f.type) for f in self.extra),
+        ], schema=self.schema)
+
+    def end_row(self, part_index: int, images: int, failures: Sequence[Failure]) -> pa.Table:
+        """The unit is complete: it held `images` good images (rows sent before) and these failures."""
+        return pa.Table.from_arrays([
+            pa.array([part_index], pa.int32()), pa.nulls(1, pa.int32()), pa.nulls(1, pa.int64()),
+            pa.nulls(1, pa.string()), pa.nulls(1, pa.int32()), pa.array([None], pa.binary(self.pixel_bytes)),
+            pa.array([images], pa.int64()), pa.array([[asdict(f) for f in failures]], pa.list_(FAILURE_TYPE)),
+            *(pa.nulls(1, f.type) for f in self.extra),
+        ], schema=self.schema)
+
+    # --- encoder side ---------------------------------------------------------------------------
+    def pixels(self, table: pa.Table) -> np.ndarray:
+        """The pixels column as (n, S, S, C) uint8, zero-copy (end rows' slots are zeros). The column
+        is fixed_size_binary: buffers()[1] holds every row's bytes back to back, and a sliced column
+        still points at its whole buffer with `offset` counting the rows before the slice."""
+        col = table.column("pixels").combine_chunks()
+        n = len(col)
+        buf = np.frombuffer(col.buffers()[1], dtype=np.uint8)[col.offset * self.pixel_bytes:(col.offset + n) * self.pixel_bytes]
+        return buf.reshape(n, *self.shape)
+
+    @staticmethod
+    def encode_groups(table: pa.Table) -> list[np.ndarray]:
+        """The image rows, as index arrays, one per (part_index, batch) group: what an encoder
+        encodes in one call."""
+        batch = table.column("batch").fill_null(-1).to_numpy()
+        parts = table.column("part_index").to_numpy()
+        rows = np.flatnonzero(batch >= 0)
+        order = rows[np.lexsort((batch[rows], parts[rows]))]
+        keys = np.stack([parts[order], batch[order]], 1)
+        cuts = np.flatnonzero(np.any(keys[1:] != keys[:-1], axis=1)) + 1
+        return [g for g in np.split(order, cuts) if len(g)]
+
+    @staticmethod
+    def with_tokens(table: pa.Table, tokens: pa.Array) -> pa.Table:
+        """What an encoder returns: the rows without pixels, with their tokens (null on end rows)."""
+        return table.drop_columns(["pixels"]).append_column("tokens", tokens)
+
+
+class UnitCollector:
+    """Driver side: gathers encoded rows by unit; add() returns the units they completed."""
+
+    def __init__(self):
+        self.tables: dict[int, list[pa.Table]] = defaultdict(list)
+        self.ends: dict[int, tuple[int, list[Failure]]] = {}  # part_index -> (images, failures)
+        self.finished: set[int] = set()  # handed back: later copies of their rows are dropped
+
+    def add(self, table: pa.Table) -> list[FinishedUnit]:
+        done = []
+        parts = table.column("part_index").to_numpy()
+        for part_index in np.unique(parts).tolist():
+            if part_index in self.finished:
+                continue
+            t = table.filter(pc.equal(table.column("part_index"), part_index))
+            is_end = pc.is_valid(t.column("images"))
+            end = t.filter(is_end)
+            if end.num_rows and part_index not in self.ends:
+                fails = [Failure(**f) for f in end.column("failures")[0].as_py()]
+                self.ends[part_index] = (end.column("images")[0].as_py(), fails)
+            self.tables[part_index].append(t.filter(pc.invert(is_end)))
+            finished = self._finish(part_index)
+            if finished is not None:
+                done.append(finished)
+        return done
+
+    def _finish(self, part_index: int) -> FinishedUnit | None:
+        if part_index not in self.ends:
+            return None
+        images, failures = self.ends[part_index]
+        if sum(t.num_rows for t in self.tables[part_index]) < images:
+            return None  # rows still to come (or copies counted: checked below)
+        t = pa.concat_tables(self.tables[part_index]).sort_by("pos")
+        pos = t.column("pos").to_numpy()
+        if len(pos) > 1 and (np.diff(pos) == 0).any():  # a retried read task delivered a batch twice
+            t = t.filter(pa.array(np.concatenate([[True], np.diff(pos) != 0])))
+        if t.num_rows < images:  # copies counted: a batch is still to come
+            self.tables[part_index] = [t]
+            return None
+        del self.tables[part_index], self.ends[part_index]
+        self.finished.add(part_index)
+        rows = t.drop_columns(["part_index", "batch", "pos", "images", "failures"])
+        return FinishedUnit(part_index, rows, failures)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self.tables)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages
+# ---------------------------------------------------------------------------------------------
 def read_units(items: pa.Table, *, preprocess: Preprocess, batch_size: int, max_pixels: int):
-    """Ray Data map_batches generator: unit items (unit_rows.unit_items) -> for each unit, tables
+    """Ray Data map_batches generator: unit items (unit_items) -> for each unit, tables
     of up to batch_size decoded images (batch numbers 0, 1, ...), then its end row."""
     codec = UnitRows(preprocess.shape)
     for unit, part_index in units_of(items):

@@ -1,8 +1,7 @@
 """The data path of `vqtok tokenize`: one decode (Preprocess.decode, Tokenizer.encode_file), the rows in
-flight (pipeline/unit_rows.py) and position-fixed batches, checked with an encoder whose tokens depend
+flight (UnitRows in pipeline/stages.py) and position-fixed batches, checked with an encoder whose tokens depend
 on the batch (tests/batch_dependent.py), so that encoding images in any grouping other than by their
 position in their unit shows."""
-import io
 import os
 import sys
 from pathlib import Path
@@ -19,8 +18,7 @@ from vqtok import Preprocess, TokenDataset, Tokenizer, VQVAEConfig, tokenize
 from vqtok.models import VQVAE
 from vqtok.models.bundle import read_bundle
 from vqtok.pipeline.sources import Failure, list_units
-from vqtok.pipeline.stages import BatchEncoder, read_units
-from vqtok.pipeline.unit_rows import UnitCollector, UnitRows, unit_items
+from vqtok.pipeline.stages import BatchEncoder, UnitCollector, UnitRows, read_units, unit_items
 
 TESTS = Path(__file__).parent
 PHOTOS = TESTS.parent / "examples" / "photos"

@@ -183,12 +183,12 @@ def test_a_damaged_unit_is_marked_apart_from_bad_images(tmp_path, fmnist):
     """A cut-short shard loses every member after the cut but is one Failure: it is marked as a
     unit failure (Failure.unit_damaged) so a job can count damaged units apart from bad images, also
     after the trip through the typed Arrow column that carries failures from the Ray stages to the
-    driver (pipeline/unit_rows.py)."""
+    driver (UnitRows in pipeline/stages.py)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     from vqtok.pipeline.sources import Failure
-    from vqtok.pipeline.unit_rows import UnitCollector, UnitRows
+    from vqtok.pipeline.stages import UnitCollector, UnitRows
 
     def collected_failures(codec, failures):
         end = codec.end_row(0, 0, failures)
