@@ -67,14 +67,20 @@ def expected_by_position(tok: Tokenizer, unit_images: list[np.ndarray]) -> np.nd
 # ---------------------------------------------------------------------------------------------
 # One decode
 # ---------------------------------------------------------------------------------------------
-def test_vqvae_encode_gives_the_training_forwards_tokens_without_its_statistics():
+def test_vqvae_encode_gives_the_training_forwards_tokens_without_its_statistics(monkeypatch):
+    """VQVAE.encode computes indices only: not the quantizer's training forward (both losses, the
+    code counts and perplexity, the projection back out, a host sync per batch on CUDA)."""
+    from vqtok.models.vqvae import VectorQuantizer
+
     torch.manual_seed(0)
     model = VQVAE(TINY).eval()
     with torch.no_grad():
         model.quantizer.codebook.normal_()
     x = torch.rand(6, 1, 28, 28) * 2 - 1
     before = {k: v.clone() for k, v in model.quantizer.state_dict().items()}
-    tokens = model.encode(x)
+    with monkeypatch.context() as m:
+        m.setattr(VectorQuantizer, "forward", lambda *a: pytest.fail("encode ran the training forward"))
+        tokens = model.encode(x)
     with torch.no_grad():
         assert torch.equal(tokens, model(x)[1].indices)
     assert all(torch.equal(before[k], v) for k, v in model.quantizer.state_dict().items())
