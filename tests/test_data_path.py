@@ -228,3 +228,14 @@ def test_one_and_two_workers_write_identical_datasets_encoded_by_position(tmp_pa
     # the batch-dependent tokenizer did run in the workers: the plain one gives other tokens
     plain = Tokenizer._encode_pixels.real(tok, tok.preprocess.batch(images[:13]), BATCH).numpy()
     assert not np.array_equal(tokens[:13], plain)
+
+
+def test_extra_per_row_columns_travel_from_the_read_side_to_the_finished_unit():
+    codec = UnitRows((2, 2, 1), extra=[pa.field("caption", pa.string())])
+    rows = codec.image_rows(3, 0, 0, ["a", "b"], [None, 1], [bytes(4)] * 2, extra={"caption": ["a cat", None]})
+    end = codec.end_row(3, 2, [])
+    assert rows.schema == end.schema == codec.schema
+    tokens = pa.array([[1], [2], None], pa.list_(pa.uint16()))
+    (unit,) = UnitCollector().add(UnitRows.with_tokens(pa.concat_tables([rows, end]), tokens))
+    assert unit.rows.column_names == ["key", "label", "caption", "tokens"]
+    assert unit.rows.column("caption").to_pylist() == ["a cat", None]
