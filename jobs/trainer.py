@@ -39,6 +39,7 @@ from torch import nn
 
 from ..models.config import Config, ConfigError, option
 from ..models.distributed import Collectives
+from ..pipeline.sharded_stream import STREAM_VERSION
 from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from .options import save_json
 from .progress import Progress
@@ -319,6 +320,7 @@ class Trainer:
         state, where = self.ctx.latest_state(self.run_dir)
         if state is None:
             return 0, 0, None
+        self._check_same_data_order(state, where)
         self._check_same_model(self.task.saved_model_config(state))
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -342,6 +344,17 @@ class Trainer:
                   f"data order restarts from each rank's share of the {sum(by_rank)} samples read", flush=True)
         return sum(by_rank) // ctx.world_size
 
+    def _check_same_data_order(self, state: dict, where: str) -> None:
+        """A checkpoint's data position means something only in the data order it was written in
+        (pipeline/sharded_stream.py); checkpoints without stream_version were written before it."""
+        version = state.get("stream_version", 1)
+        if version != STREAM_VERSION:
+            raise ConfigError(
+                f"{where} was written by a vqtok that read the training data in another order (stream_version "
+                f"{version}; this vqtok's is {STREAM_VERSION}), so this run cannot continue with the data it would "
+                f"have seen. Finish it with the vqtok version that started it, or start over: use a new --out "
+                f"directory, or delete {self.run_dir / 'checkpoints'} (and {self.run_dir / RAY_TRAIN_NAME})")
+
     def _check_same_model(self, saved: dict) -> None:
         now = self.task.model_config()
         diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
@@ -352,7 +365,7 @@ class Trainer:
 
     def _save(self, step: int, model: nn.Module, opt: torch.optim.Optimizer, by_rank: list[int], loss) -> None:
         state = {
-            "step": step, "consumed": by_rank[self.ctx.rank], "consumed_by_rank": by_rank,
+            "step": step, "consumed": by_rank[self.ctx.rank], "consumed_by_rank": by_rank, "stream_version": STREAM_VERSION,
             "model": model.state_dict(), "optimizer": opt.state_dict(), "model_config": self.task.model_config(),
             "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "config": self.cfg.to_dict(),
