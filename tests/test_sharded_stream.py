@@ -95,6 +95,8 @@ def test_the_order_is_a_function_of_the_seed():
     assert np.array_equal(a, epoch_items(ShardedStream(units, read, seed=0, shuffle_buffer=40), 0))
     assert not np.array_equal(a, epoch_items(ShardedStream(units, read, seed=1, shuffle_buffer=40), 0))
     assert len(epoch_items(ShardedStream(units, read, seed=-3, shuffle_buffer=40), 0)) == sum(SIZES)
+    rank0 = ShardedStream(units, read, seed=0, world_size=2)  # a different share of the units each epoch
+    assert len({tuple(sorted(rank0.epoch_units(e))) for e in range(6)}) > 1
     unshuffled = epoch_items(ShardedStream(units, read, shuffle=False), 0)
     assert np.array_equal(unshuffled, np.concatenate([np.arange(n) + 1000 * u for u, n in enumerate(SIZES)]))
 
