@@ -1,8 +1,13 @@
 """Train the autoregressive prior on a token dataset: `vqtok train-prior` /
 `python -m vqtok.jobs.train_prior` / `vqtok.train_prior(...)`.
 
-    result = train_prior(PriorTrainConfig(tokens=["out/tokens"], out="runs/prior", steps=5000))
+    result = train_prior(PriorTrainConfig(tokens=["out/tokens"], out="runs/prior", steps=5000,
+                                           model=PriorShape(n_layer=8)))
     result.metrics["held_out"]["bits_per_token"], result.prior_dir
+
+The model's options nest as the tokenizer's do (`model: {n_layer: 8}` in a config file or a
+pipeline's `prior:` section; flags --n-layer, --n-head, --n-embd, --dropout, --class-dropout); the
+flat form of older files and keyword calls (`n_layer: 8`) is still read (PriorTrainConfig.from_dict).
 
 The driver opens the token datasets (refusing parts made by different tokenizers), reads the
 codebook size and grid from their schema metadata, counts the codes once for the unigram entropy
