@@ -26,7 +26,7 @@ def demo_config(out: str = "runs/demo", *, quick: bool = False) -> PipelineConfi
         train={"steps": tok_steps, "batch_size": 128, "workers": 2, "log_every": 100 if not quick else 20,
                "checkpoint_every": 500 if not quick else 30},
         tokenize={"workers": 1},
-        prior={"steps": prior_steps, "batch_size": 64, "n_layer": 4, "n_head": 4, "n_embd": 128, "lr": 2e-3,
+        prior={"steps": prior_steps, "batch_size": 64, "model": {"n_layer": 4, "n_head": 4, "n_embd": 128}, "lr": 2e-3,
                "log_every": 100 if not quick else 20, "eval_every": 500 if not quick else 30,
                "checkpoint_every": 500 if not quick else 30},
         sample={"n": 100, "cfg_scale": 2.0, "seed": 0},

@@ -22,7 +22,7 @@ from ..models.checkpoint_import import SOURCES, import_checkpoint
 from ..models.config import Config, ConfigError, option
 from .options import Command, job_main
 from .progress import fmt_duration
-from .trainer import is_url, prepare_output, upload_outputs
+from .rundir import is_url, prepare_output, upload_outputs
 
 
 @dataclass(kw_only=True)

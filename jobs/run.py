@@ -13,7 +13,9 @@ Stages and where they write (under cfg.out):
 
 Each stage calls the same function as its CLI command, with that command's config built from the
 section of the same name ("train", "tokenize", "prior", "sample": any option of that command, by
-field name). The resolved config is saved as OUT/pipeline.json, and each job saves its own next to
+field name). Both models' options nest under `model:` (`train: {model: {codebook_size: 512}}`,
+`prior: {model: {n_layer: 8}}`); files written when the prior's were flat (`prior: {n_layer: 8}`)
+still load. The resolved config is saved as OUT/pipeline.json, and each job saves its own next to
 its outputs.
 """
 from __future__ import annotations
@@ -52,7 +54,7 @@ class PipelineConfig(Config):
     address: str | None = option(None, "a Ray cluster for every Ray stage (default: an embedded local Ray)")
     train: dict = option(help="train-vqvae options (model: the model's options)", factory=dict)
     tokenize: dict = option(help="tokenize options", factory=dict)
-    prior: dict = option(help="train-prior options", factory=dict)
+    prior: dict = option(help="train-prior options (model: the prior's model options)", factory=dict)
     sample: dict = option(help="sample options", factory=dict)
 
     def __post_init__(self):

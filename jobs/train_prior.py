@@ -1,8 +1,13 @@
 """Train the autoregressive prior on a token dataset: `vqtok train-prior` /
 `python -m vqtok.jobs.train_prior` / `vqtok.train_prior(...)`.
 
-    result = train_prior(PriorTrainConfig(tokens=["out/tokens"], out="runs/prior", steps=5000))
+    result = train_prior(PriorTrainConfig(tokens=["out/tokens"], out="runs/prior", steps=5000,
+                                           model=PriorShape(n_layer=8)))
     result.metrics["held_out"]["bits_per_token"], result.prior_dir
+
+The model's options nest as the tokenizer's do (`model: {n_layer: 8}` in a config file or a
+pipeline's `prior:` section; flags --n-layer, --n-head, --n-embd, --dropout, --class-dropout); the
+flat form of older files and keyword calls (`n_layer: 8`) is still read (PriorTrainConfig.from_dict).
 
 The driver opens the token datasets (refusing parts made by different tokenizers), reads the
 codebook size and grid from their schema metadata, counts the codes once for the unigram entropy
@@ -19,6 +24,7 @@ class, when the tokenizer can be loaded).
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -33,20 +39,22 @@ from ..models.config import ConfigError, option
 from ..models.prior import Prior, PriorConfig, PriorShape, bits
 from ..pipeline.errors import DataError
 from ..pipeline.sources import split_patterns
+from ..pipeline.token_format import Part
 from ..pipeline.token_stream import TokenCorpus, TokenStream
 from ..pipeline.viz import save_sample_grid, save_training_curves
-from .options import Command, job_main, save_json
+from .options import Command, job_main
 from .progress import fmt_duration
-from .trainer import Task, TrainingOptions, TrainSummary, launch
+from .trainer import Built, Task, TrainingOptions, TrainSummary, launch
 
 
 @dataclass(kw_only=True)
-class PriorTrainConfig(PriorShape, TrainingOptions):
+class PriorTrainConfig(TrainingOptions):
     WHAT = "train-prior config"
     tokens: list[str] = option(help="token dataset(s): the --out of vqtok tokenize (repeat or comma-separate)", factory=list)
     val_tokens: list[str] = option(help="held-out token dataset(s) for bits per token", factory=list)
     tokenizer: str = option("", "tokenizer bundle (default: where the token dataset says it was read from)")
     num_classes: int | None = option(None, "classes (default: max label + 1 from the data; 0: unconditional)")
+    model: PriorShape = option(factory=PriorShape, cli=False)  # its fields are flags of their own: --n-layer, ...
     batch_size: int = option(64, "token grids per step, over all workers")
     lr: float = option(1e-3, "peak AdamW learning rate")
     weight_decay: float = option(0.1, "AdamW weight decay on matrices")
@@ -56,10 +64,26 @@ class PriorTrainConfig(PriorShape, TrainingOptions):
     stats_rows: int = option(2_000_000, "rows counted (in part order) for the unigram entropy and the labels")
     sample_grid: bool = option(True, "write samples.png at the end (needs the tokenizer)")
 
-    POSITIVE = TrainingOptions.POSITIVE + ("eval_every", "eval_rows", "stats_rows", "n_layer", "n_head", "n_embd")
+    POSITIVE = TrainingOptions.POSITIVE + ("eval_every", "eval_rows", "stats_rows")
     LR_EXAMPLE = "1e-3"
 
+    @classmethod
+    def from_dict(cls, d: dict, where: str | None = None) -> "PriorTrainConfig":
+        """As Config.from_dict, and the flat form that files and keyword calls used before the
+        model's options nested: `n_layer: 2` beside `steps:` is read as `model: {n_layer: 2}` (a
+        key given both ways: the nested value wins, so a flag overrides an old file's value)."""
+        if isinstance(d, dict) and set(d) & set(PriorShape.known_keys()):
+            d = dict(d)
+            nested = d.get("model") or {}
+            if isinstance(nested, PriorShape):
+                nested = nested.to_dict()
+            flat = {k: d.pop(k) for k in PriorShape.known_keys() if k in d}
+            d["model"] = flat | nested if isinstance(nested, dict) else nested
+        return super().from_dict(d, where)
+
     def __post_init__(self):
+        if isinstance(self.model, dict):
+            self.model = PriorShape.from_dict(self.model, where="model")
         self.tokens = split_patterns(self.tokens) if self.tokens else []
         self.val_tokens = split_patterns(self.val_tokens) if self.val_tokens else []
         if not self.tokens:
@@ -67,11 +91,15 @@ class PriorTrainConfig(PriorShape, TrainingOptions):
         if not self.out:
             raise ConfigError("--out is required: the prior's run directory (e.g. runs/prior)")
         super().__post_init__()
-        if self.n_embd % self.n_head:
-            raise ConfigError(f"--n-embd {self.n_embd} must be divisible by --n-head {self.n_head} (e.g. --n-embd "
-                              f"{self.n_embd // self.n_head * self.n_head or self.n_head})")
-        if not 0 <= self.dropout < 1 or not 0 <= self.class_dropout < 1:
-            raise ConfigError(f"--dropout {self.dropout} and --class-dropout {self.class_dropout} must be in [0, 1)")
+        m = self.model
+        for name in ("n_layer", "n_head", "n_embd"):
+            if getattr(m, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(m, name)}: must be at least 1")
+        if m.n_embd % m.n_head:
+            raise ConfigError(f"--n-embd {m.n_embd} must be divisible by --n-head {m.n_head} (e.g. --n-embd "
+                              f"{m.n_embd // m.n_head * m.n_head or m.n_head})")
+        if not 0 <= m.dropout < 1 or not 0 <= m.class_dropout < 1:
+            raise ConfigError(f"--dropout {m.dropout} and --class-dropout {m.class_dropout} must be in [0, 1)")
         if self.num_classes is not None and self.num_classes < 0:
             raise ConfigError(f"--num-classes {self.num_classes}: 0 (unconditional) or more")
 
@@ -86,13 +114,38 @@ class PriorResult:
 
 
 def train_prior(cfg: PriorTrainConfig | None = None, **options) -> PriorResult:
-    """Train a prior: pass a PriorTrainConfig, or its fields as keywords
-    (train_prior(tokens=["out/tokens"], out="runs/prior", steps=2000))."""
-    cfg = cfg or PriorTrainConfig(**options)
+    """Train a prior: pass a PriorTrainConfig, or its fields as keywords (the model's too, nested or
+    flat: train_prior(tokens=["out/tokens"], out="runs/prior", steps=2000, model={"n_layer": 8}) or
+    n_layer=8)."""
+    cfg = cfg or PriorTrainConfig.from_dict(options)
     return launch(cfg, PriorTask, lambda: _prepare(cfg), what="training the prior")
 
 
-def _prepare(cfg: PriorTrainConfig) -> dict:
+@dataclass(frozen=True)
+class DataSummary:
+    """The token data as the driver counted it (metrics.json's "data")."""
+
+    unigram_entropy_bits: float  # of the counted rows' codes: the scale for bits per token
+    codes_used: int
+    rows: int  # in the training datasets
+    counted_rows: int  # counted for the entropy and the labels (--stats-rows)
+    labeled_rows: int
+    datasets: list[str]
+    val_datasets: list[str]
+
+
+@dataclass(frozen=True)
+class PriorPayload:
+    """What the driver prepares once for every worker."""
+
+    prior: PriorConfig  # the model: its shape from the options, K, grid, classes and tokenizer from the data
+    parts: list[Part]  # the training parts
+    val_parts: list[Part] | None  # --val-tokens' parts (None: evaluate on the training parts)
+    data: DataSummary
+    tokenizer_path: str  # where the tokenizer is ("" when unknown): recorded in the bundle, used for samples.png
+
+
+def _prepare(cfg: PriorTrainConfig) -> PriorPayload:
     """On the driver: open the datasets, count the codes and labels, fix the prior's shape."""
     corpus = TokenCorpus(cfg.tokens, what="--tokens")
     val = TokenCorpus(cfg.val_tokens, what="--val-tokens") if cfg.val_tokens else None
@@ -112,16 +165,12 @@ def _prepare(cfg: PriorTrainConfig) -> dict:
           + (f"{num_classes} classes ({stats.labeled_rows:,} labeled rows)" if num_classes else "unconditional")
           + f" [{time.time() - t0:.1f}s]", flush=True)
     h, w = corpus.grid
-    shape = {name: getattr(cfg, name) for name in PriorShape.known_keys()}
-    prior_cfg = PriorConfig(codebook_size=corpus.codebook_size, grid_h=h, grid_w=w, num_classes=num_classes,
-                            tokenizer_id=corpus.tokenizer_id, **shape)
-    return {
-        "prior_config": prior_cfg.to_dict(), "parts": corpus.parts, "val_parts": val.parts if val else None,
-        "stats": {"unigram_entropy_bits": stats.unigram_entropy_bits, "codes_used": stats.codes_used,
-                  "rows": corpus.num_rows, "counted_rows": stats.rows, "labeled_rows": stats.labeled_rows,
-                  "datasets": corpus.paths, "val_datasets": val.paths if val else []},
-        "tokenizer_path": _tokenizer_location(cfg, corpus),
-    }
+    prior = PriorConfig(codebook_size=corpus.codebook_size, grid_h=h, grid_w=w, num_classes=num_classes,
+                        tokenizer_id=corpus.tokenizer_id, **cfg.model.to_dict())
+    data = DataSummary(unigram_entropy_bits=stats.unigram_entropy_bits, codes_used=stats.codes_used,
+                       rows=corpus.num_rows, counted_rows=stats.rows, labeled_rows=stats.labeled_rows,
+                       datasets=corpus.paths, val_datasets=val.paths if val else [])
+    return PriorPayload(prior, corpus.parts, val.parts if val else None, data, _tokenizer_location(cfg, corpus))
 
 
 def _tokenizer_location(cfg: PriorTrainConfig, corpus: TokenCorpus) -> str:
@@ -156,7 +205,7 @@ class _LossOf(nn.Module):
         return self.prior.loss(tokens, labels)
 
 
-class PriorTask(Task):
+class PriorTask(Task[PriorTrainConfig, PriorPayload]):
     """The prior's part of training: a GPT over token grids streamed from Parquet parts, its
     cross-entropy in bits per token, held-out bits every eval_every steps and at the end, and the
     prior bundle with a grid of samples."""
@@ -164,70 +213,65 @@ class PriorTask(Task):
     UNIT = "tok"
     MISMATCH = "a prior run with a different model or tokenizer"
 
-    def __init__(self, cfg: PriorTrainConfig, payload: dict, ctx):
+    def __init__(self, cfg: PriorTrainConfig, payload: PriorPayload, ctx):
         super().__init__(cfg, payload, ctx)
-        self.prior_cfg = PriorConfig.from_dict(payload["prior_config"])
-        self.grid = (self.prior_cfg.grid_h, self.prior_cfg.grid_w)
+        self.grid = (payload.prior.grid_h, payload.prior.grid_w)
         self.eval_every = cfg.eval_every
         self.eval_history: list[dict] = []  # held-out bits at every evaluation
         self.final_bits = float("nan")
         self.last_train_bits: float | None = None
 
-    def build_model(self) -> Prior:
-        return Prior(self.prior_cfg)
-
-    def build_optimizer(self, model: Prior) -> torch.optim.Optimizer:
-        """AdamW, weight decay on matrices only (not biases, norms, position embeddings)."""
+    def build(self) -> Built:
+        """The prior; AdamW with weight decay on matrices only (not biases, norms, position
+        embeddings); DDP wraps the prior's loss."""
+        model = Prior(self.payload.prior).to(self.ctx.device)
         decay, other = [], []
         for name, p in model.named_parameters():
             (decay if p.dim() >= 2 and not name.endswith(("_emb", "prefix_pos")) else other).append(p)
-        return torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
-                                  {"params": other, "weight_decay": 0.0}], lr=self.cfg.lr, betas=(0.9, 0.95))
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": self.cfg.weight_decay},
+                                 {"params": other, "weight_decay": 0.0}], lr=self.cfg.lr, betas=(0.9, 0.95))
+        return Built(model, opt, forward=_LossOf(model))
 
     def model_config(self) -> dict:
-        return self.prior_cfg.to_dict()
+        return self.payload.prior.to_dict()
 
-    @staticmethod
-    def legacy_model_config(state: dict) -> dict | None:
-        return state.get("prior_config")
+    @classmethod
+    def saved_model_config(cls, state: dict) -> dict:
+        # checkpoints from before `model_config` was a key of its own call it prior_config
+        return state.get("model_config") or state.get("prior_config") or {}
 
     def describe(self, model: Prior) -> str:
-        pc, n = self.prior_cfg, sum(p.numel() for p in model.parameters())
+        pc, n = self.payload.prior, sum(p.numel() for p in model.parameters())
         return (f"a prior ({n / 1e6:.2f}M params, {pc.n_layer} layers x {pc.n_embd}, {pc.grid_h}x{pc.grid_w} tokens, "
                 f"K={pc.codebook_size}, {f'{pc.num_classes} classes' if pc.num_classes else 'unconditional'}; "
                 f"{self.cfg.batch_size * pc.n_tokens:,} tokens per step)")
 
-    def ddp_module(self, model: Prior) -> nn.Module:
-        return _LossOf(model)
-
     def batches(self, per_rank_batch: int, skip: int):
-        stream = TokenStream(self.payload["parts"], self.grid, seed=self.cfg.seed, rank=self.ctx.rank,
+        stream = TokenStream(self.payload.parts, self.grid, seed=self.cfg.seed, rank=self.ctx.rank,
                              world_size=self.ctx.world_size, shuffle_buffer=self.cfg.shuffle_buffer)
         return stream.batches(per_rank_batch, skip=skip)
 
     def loss(self, net, batch):
         tokens = batch.tokens.to(self.ctx.device, non_blocking=True)
-        labels = batch.labels.to(self.ctx.device) if self.prior_cfg.num_classes else None
+        labels = batch.labels.to(self.ctx.device) if self.payload.prior.num_classes else None
         loss = net(tokens, labels)
         self.last_train_bits = bits(loss.item())
-        epochs = batch.consumed * self.ctx.world_size / max(self.payload["stats"]["rows"], 1)
+        epochs = batch.consumed * self.ctx.world_size / max(self.payload.data.rows, 1)
         return loss, tokens.numel(), {"bits": self.last_train_bits, "epochs": epochs}
 
     # --- evaluation: held-out bits per token, every rank its share, summed over ranks -----------
-    @property
-    def _eval_parts(self):
-        return self.payload["val_parts"] or self.payload["parts"]
-
-    def evaluate(self, model: Prior, step: int) -> None:
-        val_bits = self.bits_per_token(model, max_rows=self.cfg.eval_rows)
-        if self.ctx.is_main:
-            self.eval_history.append({"step": step, "train_bits": self.last_train_bits, "eval_bits": val_bits})
-            print(f"vqtok: step {step}: {'held-out' if self.payload['val_parts'] else 'train-data'} {val_bits:.4f} "
-                  f"bits/token (unigram entropy {self.payload['stats']['unigram_entropy_bits']:.3f})", flush=True)
-
-    def final_evaluation(self, model: Prior) -> None:
-        self.final_bits = self.bits_per_token(model, max_rows=None)
-        self.eval_history.append({"step": self.cfg.steps, "train_bits": self.last_train_bits, "eval_bits": self.final_bits})
+    def evaluate(self, model: Prior, step: int, *, final: bool = False) -> None:
+        """Bits per token on the held-out parts (else the training parts): the first --eval-rows
+        rows during training, all of them at the end."""
+        val_bits = self.bits_per_token(model, max_rows=None if final else self.cfg.eval_rows)
+        if final:
+            self.final_bits = val_bits
+        if not self.ctx.is_main:
+            return
+        self.eval_history.append({"step": step, "train_bits": self.last_train_bits, "eval_bits": val_bits})
+        if not final:
+            print(f"vqtok: step {step}: {'held-out' if self.payload.val_parts else 'train-data'} {val_bits:.4f} "
+                  f"bits/token (unigram entropy {self.payload.data.unigram_entropy_bits:.3f})", flush=True)
 
     @torch.no_grad()
     def bits_per_token(self, model: Prior, *, max_rows: int | None) -> float:
@@ -236,7 +280,8 @@ class PriorTask(Task):
         ctx = self.ctx
         was = model.training
         model.eval()
-        stream = TokenStream(self._eval_parts, self.grid, rank=ctx.rank, world_size=ctx.world_size, shuffle=False)
+        stream = TokenStream(self.payload.val_parts or self.payload.parts, self.grid, rank=ctx.rank,
+                             world_size=ctx.world_size, shuffle=False)
         limit = None if max_rows is None else max(1, max_rows // ctx.world_size)
         nats = torch.zeros(2, dtype=torch.float64)  # summed nats, tokens
         for batch in stream.one_pass(self.cfg.batch_size // ctx.world_size * 4, max_rows=limit):
@@ -249,30 +294,31 @@ class PriorTask(Task):
         return bits(float(nats[0] / max(nats[1], 1)))
 
     # --- the end ------------------------------------------------------------------------------
-    def finish(self, model: Prior, run_dir: Path, summary: TrainSummary) -> PriorResult:
-        cfg, stats, tokenizer_path = self.cfg, self.payload["stats"], self.payload["tokenizer_path"]
-        held_out, final_bits = bool(self.payload["val_parts"]), self.final_bits
+    def finish(self, model: Prior, run_dir: Path, summary: TrainSummary) -> dict:
+        """Save the bundle, draw the samples and the curves; the metrics (for metrics.json)."""
+        cfg, data, tokenizer_path = self.cfg, self.payload.data, self.payload.tokenizer_path
+        held_out, final_bits = bool(self.payload.val_parts), self.final_bits
         prior_dir = run_dir / "prior"
         model.eval()
         prior_id = model.cpu().save(prior_dir, tokenizer_path=tokenizer_path,
-                                    extra={"vqtok_version": vqtok_version(), "trained_on": stats["datasets"]})
+                                    extra={"vqtok_version": vqtok_version(), "trained_on": data.datasets})
         samples_png = self._sample_grid(model, run_dir, tokenizer_path) if cfg.sample_grid else None
         curve_png = save_training_curves(sorted(summary.history + self.eval_history, key=lambda h: h["step"]),
                                          run_dir / "loss_curve.png",
                                          series={"train": "bits", "held-out" if held_out else "train data (eval)": "eval_bits"},
                                          title="prior training", ylabel="bits per token")
-        unigram = stats["unigram_entropy_bits"]
+        unigram = data.unigram_entropy_bits
         metrics = {
             "steps": cfg.steps,
-            "held_out" if held_out else "train_eval": {"bits_per_token": final_bits, "datasets": stats["val_datasets"]
-                                                       if held_out else stats["datasets"]},
+            "held_out" if held_out else "train_eval": {"bits_per_token": final_bits,
+                                                       "datasets": data.val_datasets if held_out else data.datasets},
             "unigram_entropy_bits": unigram,
             "bits_over_unigram": final_bits / unigram if unigram else None,
             "train": summary.train | {"history": summary.history},
             "history": self.eval_history,
             "train_seconds_this_run": summary.seconds,
             "tokens_per_s": summary.train.get("tok_per_s"),
-            "data": stats,
+            "data": dataclasses.asdict(data),
             "prior_id": prior_id,
             "tokenizer_id": model.cfg.tokenizer_id,
             "tokenizer_path": tokenizer_path,
@@ -281,7 +327,6 @@ class PriorTask(Task):
             "resumed_from": summary.resumed_from,
             "samples": samples_png,
         }
-        save_json(metrics, run_dir / "metrics.json")
         where = "held-out" if held_out else "training data (no --val-tokens given)"
         print(f"vqtok: done. {where}: {final_bits:.4f} bits/token vs unigram entropy {unigram:.4f} "
               f"({final_bits / unigram:.2f}x)" if unigram else f"vqtok: done. {where}: {final_bits:.4f} bits/token", flush=True)
@@ -291,7 +336,7 @@ class PriorTask(Task):
         print(f"vqtok: loss curve  {curve_png}", flush=True)
         print(f"vqtok: metrics     {run_dir / 'metrics.json'}  (trained {fmt_duration(summary.seconds)} this run, "
               f"{summary.train.get('tok_per_s', 0):,.0f} tokens/s at the end)", flush=True)
-        return PriorResult(str(run_dir), str(prior_dir), metrics, samples_png, summary.resumed_from)
+        return metrics
 
     def _sample_grid(self, model: Prior, run_dir: Path, tokenizer_path: str) -> str | None:
         """samples.png: 8 samples per class (one row each), or 8x8 unconditional ones."""
@@ -306,9 +351,9 @@ class PriorTask(Task):
         return save_sample_grid(s.images.numpy(), s.labels.numpy(), run_dir / "samples.png")
 
     @classmethod
-    def result_from_storage(cls, storage: str, metrics: dict) -> PriorResult:
-        samples = f"{storage}/samples.png" if metrics.get("samples") else None
-        return PriorResult(storage, f"{storage}/prior", metrics, samples, metrics.get("resumed_from"))
+    def result(cls, location: str, metrics: dict) -> PriorResult:
+        samples = f"{location}/samples.png" if metrics["samples"] else None
+        return PriorResult(location, f"{location}/prior", metrics, samples, metrics["resumed_from"])
 
 
 COMMAND = Command("train-prior", "train an autoregressive prior (GPT) on a token dataset", PriorTrainConfig, train_prior)

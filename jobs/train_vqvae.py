@@ -31,9 +31,9 @@ from ..pipeline.image_stream import ImageStream
 from ..models.preprocess import DEFAULT_MAX_PIXELS
 from ..pipeline.sources import FailureLog, Unit, list_units, split_patterns
 from ..pipeline.viz import save_training_curves
-from .options import Command, job_main, save_json
+from .options import Command, job_main
 from .progress import fmt_duration
-from .trainer import Task, TrainingOptions, TrainSummary, launch
+from .trainer import Built, Task, TrainingOptions, TrainSummary, launch
 
 
 @dataclass(kw_only=True)
@@ -73,46 +73,47 @@ class TrainResult:
     resumed_from: int | None
 
 
+@dataclass(frozen=True)
+class VQVAEPayload:
+    """What the driver prepares once for every worker: the input units, listed and sorted there (a
+    pattern that matches nothing fails before any model is built; every worker reads one list)."""
+
+    units: list[Unit]
+    val_units: list[Unit] | None  # --val-data's, for the final metrics (None: the training data)
+
+
 def train_vqvae(cfg: TrainConfig) -> TrainResult:
     """Validate everything, then train: in this process, or on Ray Train with --workers/--address."""
-    # Units are listed once, on the driver: a pattern that matches nothing fails before any model
-    # is built, and every worker gets the same sorted list.
-    def prepare() -> dict:
-        return {"units": list_units(cfg.data), "val_units": list_units(cfg.val_data) if cfg.val_data else None}
+    def prepare() -> VQVAEPayload:
+        return VQVAEPayload(list_units(cfg.data), list_units(cfg.val_data) if cfg.val_data else None)
 
     return launch(cfg, VQVAETask, prepare, what="training the tokenizer")
 
 
-class VQVAETask(Task):
+class VQVAETask(Task[TrainConfig, VQVAEPayload]):
     """The tokenizer's part of training: a VQ-VAE, images from an ImageStream, reconstruction MSE
     plus the quantizer's loss, and at the end the bundle, held-out metrics and pictures."""
 
     UNIT = "img"
 
-    def __init__(self, cfg: TrainConfig, payload: dict, ctx):
+    def __init__(self, cfg: TrainConfig, payload: VQVAEPayload, ctx):
         super().__init__(cfg, payload, ctx)
-        self.units: list[Unit] = payload["units"]
-        self.val_units: list[Unit] | None = payload["val_units"]
         self.failures = FailureLog(verbose=ctx.is_main)
 
-    def build_model(self) -> VQVAE:
+    def build(self) -> Built:
         # the quantizer syncs its codebook statistics through the trainer's collectives
-        return VQVAE(self.cfg.model, comm=self.ctx.comm)
-
-    def build_optimizer(self, model):
-        return torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, betas=(0.9, 0.99),
-                                 weight_decay=self.cfg.weight_decay)
+        model = VQVAE(self.cfg.model, comm=self.ctx.comm).to(self.ctx.device)
+        opt = torch.optim.AdamW(model.parameters(), lr=self.cfg.lr, betas=(0.9, 0.99), weight_decay=self.cfg.weight_decay)
+        return Built(model, opt)
 
     def model_config(self) -> dict:
         return self.cfg.model.to_dict()
 
-    @staticmethod
-    def legacy_model_config(state: dict) -> dict | None:
-        return state.get("config", {}).get("model")
-
-    @staticmethod
-    def canonical_model_config(saved: dict) -> dict:
-        try:
+    @classmethod
+    def saved_model_config(cls, state: dict) -> dict:
+        # checkpoints from before `model_config` was a key of its own hold it in their config
+        saved = state.get("model_config") or state.get("config", {}).get("model") or {}
+        try:  # options added since at their defaults, so an older checkpoint of the same model resumes
             return VQVAEConfig.from_dict(saved).to_dict()
         except ConfigError:
             return saved  # reported as a mismatch, field by field
@@ -124,11 +125,18 @@ class VQVAETask(Task):
                 f"{mc.grid}x{mc.grid} tokens, K={mc.codebook_size}, {mc.codebook} codebook)")
 
     def batches(self, per_rank_batch: int, skip: int):
+        """This rank's batches; fails once more than --max-failure-fraction of the samples read
+        could not be used."""
         cfg, ctx = self.cfg, self.ctx
         preprocess = Preprocess(image_size=cfg.model.image_size, channels=cfg.model.channels)
-        stream = ImageStream(self.units, preprocess, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
+        stream = ImageStream(self.payload.units, preprocess, seed=cfg.seed, rank=ctx.rank, world_size=ctx.world_size,
                              shuffle_buffer=cfg.shuffle_buffer, max_pixels=cfg.max_image_pixels, failures=self.failures)
-        return stream.batches(per_rank_batch, skip=skip)
+        for batch in stream.batches(per_rank_batch, skip=skip):
+            seen, count = max(batch.consumed, 1), self.failures.count  # raw samples read, the failed ones included
+            if count > 20 and count / seen > cfg.max_failure_fraction:
+                raise DataError(f"{count} of {seen} inputs could not be used (more than --max-failure-fraction "
+                                f"{cfg.max_failure_fraction}); first: {self.failures.examples[0]}")
+            yield batch
 
     def loss(self, net, batch):
         x = Preprocess.to_model(batch.pixels.to(self.ctx.device, non_blocking=True))  # (B, C, S, S) in [-1, 1]
@@ -140,27 +148,20 @@ class VQVAETask(Task):
         return loss, len(x), {"loss": loss.item(), "mse": recon_loss.item() / 4, "commit": q.commitment_loss.item(),
                               "ppl": q.perplexity.item(), "usage": getattr(net, "module", net).quantizer.usage()}
 
-    def after_step(self, step: int, batch) -> None:
-        seen = max(batch.consumed, 1)  # raw samples read so far, the failed ones included
-        count = self.failures.count
-        if count > 20 and count / seen > self.cfg.max_failure_fraction:
-            raise DataError(f"{count} of {seen} inputs could not be used (more than --max-failure-fraction "
-                            f"{self.cfg.max_failure_fraction}); first: {self.failures.examples[0]}")
-
     def replica_state(self, model) -> list[torch.Tensor]:
         # the codebook and its statistics are kept equal by the quantizer's own collectives
         # (DDP does not touch buffers): a mismatch would be a bug, so the trainer checks them
         q = model.quantizer
         return [t for t in (getattr(q, n, None) for n in ("codebook", "ema_count", "ema_sum", "usage_ring")) if t is not None]
 
-    def finish(self, model, run_dir: Path, summary: TrainSummary) -> TrainResult:
-        """Export the bundle, evaluate, draw the pictures, write metrics.json."""
+    def finish(self, model, run_dir: Path, summary: TrainSummary) -> dict:
+        """Export the bundle, evaluate, draw the pictures; the metrics (for metrics.json)."""
         cfg, device = self.cfg, self.ctx.device
         tokenizer = Tokenizer(model.cpu())
         tok_dir = run_dir / "tokenizer"
         tok_id = tokenizer.save(tok_dir)
         model.to(device)
-        stream = ImageStream(self.val_units or self.units, tokenizer.preprocess, shuffle=False,
+        stream = ImageStream(self.payload.val_units or self.payload.units, tokenizer.preprocess, shuffle=False,
                              max_pixels=cfg.max_image_pixels, failures=FailureLog(verbose=False))
         result = evaluate(model, stream, device=device, max_images=None if cfg.val_data else 10_000)
         recon_png, usage_png = save_eval_pictures(
@@ -180,7 +181,6 @@ class VQVAETask(Task):
             "replicas_in_sync": summary.replicas_in_sync,
             "resumed_from": summary.resumed_from,
         }
-        save_json(metrics, run_dir / "metrics.json")
         m = result.metrics
         where = "held-out" if cfg.val_data else "training data (no --val-data given)"
         print(f"vqtok: done. {where}: mse {m['mse']:.5f} | psnr {m['psnr']:.2f} dB | usage {100 * m['usage']:.1f}% "
@@ -191,12 +191,12 @@ class VQVAETask(Task):
         print(f"vqtok: loss curve       {curve_png}", flush=True)
         print(f"vqtok: metrics          {run_dir / 'metrics.json'}"
               f"  (trained {fmt_duration(summary.seconds)} this run, {self.failures.count} inputs skipped)", flush=True)
-        return TrainResult(str(run_dir), str(tok_dir), tok_id, metrics, recon_png, usage_png, summary.resumed_from)
+        return metrics
 
     @classmethod
-    def result_from_storage(cls, storage: str, metrics: dict) -> TrainResult:
-        return TrainResult(storage, f"{storage}/tokenizer", metrics["tokenizer_id"], metrics,
-                           f"{storage}/reconstructions.png", f"{storage}/codebook_usage.png", metrics.get("resumed_from"))
+    def result(cls, location: str, metrics: dict) -> TrainResult:
+        return TrainResult(location, f"{location}/tokenizer", metrics["tokenizer_id"], metrics,
+                           f"{location}/reconstructions.png", f"{location}/codebook_usage.png", metrics["resumed_from"])
 
 
 COMMAND = Command("train-vqvae", "train a VQ-VAE tokenizer", TrainConfig, train_vqvae)

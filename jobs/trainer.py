@@ -1,21 +1,25 @@
 """The one training loop, shared by `vqtok train-vqvae` and `vqtok train-prior`.
 
-    result = launch(cfg, VQVAETask, prepare)   # in this process, or on Ray Train with --workers/--address
+    result = launch(cfg, VQVAETask, prepare, what="training the tokenizer")
+    # in this process, or on Ray Train with --workers/--address/a URL --out; the same result either
+    # way: VQVAETask.result(where the outputs are, their metrics.json)
 
 Written once, here (torchtitan's Trainer, without its registries): the run directory checks, the
 device and threads, seeding, resume from the newest checkpoint (refusing a run directory that holds
 another model), the DDP wrap, the step (learning-rate schedule, bf16 autocast on GPU, backward,
 gradient clipping, optimizer), progress lines, the periodic evaluation hook, checkpoints, the
-replica check, and the end (rank 0 writes the outputs). A model brings a Task: its model and
-optimizer, its data stream, its loss and progress metrics, its evaluation and its outputs
-(jobs/train_vqvae.py: VQVAETask, jobs/train_prior.py: PriorTask).
+replica check, and the end (rank 0 writes the outputs and metrics.json). A model brings a Task: its
+model and optimizer, its data stream, its loss and progress metrics, its evaluation, its outputs
+and how its result reads them back (jobs/train_vqvae.py: VQVAETask, jobs/train_prior.py: PriorTask),
+and a payload dataclass the driver fills once for every worker.
 
 Where the loop runs: one process (a WorkerContext, checkpoints in RUN_DIR/checkpoints), or N Ray
 Train workers under TorchTrainer (a RayWorkerContext each: Ray Train sets up the process group,
 checkpoints are reported to it under RUN_DIR/ray_train, and a failed worker group restarts from
 the last one). With an object-store --out the workers stage outputs in a temporary directory and
 rank 0 uploads them; Ray Train keeps the checkpoints at the URL itself. Collectives go through one
-Collectives object (models/distributed.py), which the trainer builds and hands to the task.
+Collectives object (models/distributed.py), which the trainer builds and hands to the task. The
+run directory and object-store helpers are in jobs/rundir.py.
 """
 from __future__ import annotations
 
@@ -28,17 +32,19 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from torch import nn
 
 from ..models.config import Config, ConfigError, option
 from ..models.distributed import Collectives
-from .checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from ..pipeline.sharded_stream import STREAM_VERSION
 from .options import save_json
 from .progress import Progress
 from ._ray import check_address, check_resources, init_ray
+from .rundir import (is_url, latest_checkpoint, load_checkpoint, location, prepare_output, read_json, save_checkpoint,
+                     upload_outputs)
 
 RAY_TRAIN_NAME = "ray_train"  # Ray Train's checkpoints live in RUN_DIR/ray_train
 
@@ -116,6 +122,20 @@ def resolve_device(device: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # What a model brings
 # ---------------------------------------------------------------------------------------------
+C = TypeVar("C", bound=TrainingOptions)  # the job's config
+P = TypeVar("P")  # the job's payload: what the driver prepared for every worker (a dataclass)
+
+
+@dataclass
+class Built:
+    """What Task.build returns."""
+
+    model: nn.Module  # on the task's device; checkpointed, handed to evaluate and finish
+    optimizer: torch.optim.Optimizer
+    forward: nn.Module | None = None  # the module whose forward() is the training forward (DDP wraps
+    # it; Task.loss calls it); None: the model itself
+
+
 @dataclass
 class TrainSummary:
     """What the loop hands to Task.finish on rank 0."""
@@ -128,53 +148,54 @@ class TrainSummary:
     replicas_in_sync: bool | None
 
 
-class Task:
-    """A model's part of training. The trainer calls, in order: build_model, build_optimizer,
-    batches, then per step loss (under autocast), after_step and every `eval_every` steps
-    evaluate; at the end final_evaluation on every rank, then finish on rank 0."""
+class Task(Generic[C, P]):
+    """A model's part of training. Every worker builds one from the job's config, the payload the
+    driver prepared (a dataclass) and its WorkerContext. The trainer calls, in order:
+
+        build()                        the model, its optimizer (and the module DDP wraps)
+        describe(model)                for the start line
+        batches(per_rank_batch, skip)  this rank's batches forever, `skip` samples in (resume)
+        loss(net, batch)               every step, under autocast
+        evaluate(model, step)          every `eval_every` steps, and with final=True after the last
+        replica_state(model)           tensors that must be equal on every rank at the end
+        finish(model, run_dir, summary)  rank 0: write the outputs, return the metrics
+
+    The trainer writes finish's metrics to RUN_DIR/metrics.json; the caller's result is always
+    `result(location, metrics.json)` (in this process and on Ray alike). model_config() is saved in
+    checkpoints and compared on resume with saved_model_config(checkpoint)."""
 
     UNIT = "img"  # what progress counts per second
     MISMATCH = "a run with a different model"  # the resume refusal's words
-    eval_every = 0  # steps between evaluate() calls (0: never during training)
+    eval_every = 0  # steps between evaluate() calls during training (0: only the final one)
 
-    def __init__(self, cfg: TrainingOptions, payload: dict, ctx: WorkerContext):
+    def __init__(self, cfg: C, payload: P, ctx: WorkerContext):
         self.cfg, self.payload, self.ctx = cfg, payload, ctx
 
-    def build_model(self) -> nn.Module: raise NotImplementedError
-    def build_optimizer(self, model: nn.Module) -> torch.optim.Optimizer: raise NotImplementedError
-    def model_config(self) -> dict: raise NotImplementedError  # saved in checkpoints, checked on resume
+    def build(self) -> Built: raise NotImplementedError
+    def model_config(self) -> dict: raise NotImplementedError
     def describe(self, model: nn.Module) -> str: raise NotImplementedError
     def batches(self, per_rank_batch: int, skip: int) -> Iterator: raise NotImplementedError  # items have .consumed
     def loss(self, net: nn.Module, batch) -> tuple[torch.Tensor, int, dict]: raise NotImplementedError  # loss, items, metrics
-    def finish(self, model: nn.Module, run_dir: Path, summary: TrainSummary) -> Any: raise NotImplementedError
+    def finish(self, model: nn.Module, run_dir: Path, summary: TrainSummary) -> dict: raise NotImplementedError
 
     @classmethod
-    def result_from_storage(cls, storage: str, metrics: dict) -> Any:
-        """The result on the driver after a Ray Train run (rank 0 wrote metrics.json at `storage`)."""
+    def result(cls, location: str, metrics: dict) -> Any:
+        """The job's result: its outputs at `location` (the run directory or --out URL) and the
+        metrics finish returned (read back from metrics.json)."""
         raise NotImplementedError
 
-    def ddp_module(self, model: nn.Module) -> nn.Module:
-        """The module whose forward DDP wraps (the model, or a loss wrapper around it)."""
-        return model
+    @classmethod
+    def saved_model_config(cls, state: dict) -> dict:
+        """The model config a checkpoint was written with, in today's form (options added since at
+        their defaults, older checkpoints' other key), for the same-model check on resume."""
+        return state.get("model_config") or {}
 
-    def after_step(self, step: int, batch) -> None: ...
-    def evaluate(self, model: nn.Module, step: int) -> None: ...
-    def final_evaluation(self, model: nn.Module) -> None: ...  # every rank, after the last step
+    def evaluate(self, model: nn.Module, step: int, *, final: bool = False) -> None:
+        """Periodic evaluation on every rank (final: after the last step, before finish)."""
 
     def replica_state(self, model: nn.Module) -> list[torch.Tensor]:
         """Tensors that must be bitwise equal on every rank at the end (checked; a mismatch fails)."""
         return []
-
-    @staticmethod
-    def legacy_model_config(state: dict) -> dict | None:
-        """The model config in checkpoints written before `model_config` was a key of its own."""
-        return None
-
-    @staticmethod
-    def canonical_model_config(saved: dict) -> dict:
-        """A checkpoint's model config with the options added since it was written at their defaults
-        (so an older checkpoint of the same model resumes)."""
-        return saved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,19 +261,19 @@ class Trainer:
     def __init__(self, task: Task, run_dir: Path):
         self.task, self.cfg, self.ctx, self.run_dir = task, task.cfg, task.ctx, run_dir
 
-    def train(self) -> Any:
-        """Train to cfg.steps (resuming when RUN_DIR holds a checkpoint); rank 0 returns the task's
-        result, the other ranks None."""
+    def train(self) -> None:
+        """Train to cfg.steps (resuming when RUN_DIR holds a checkpoint); then rank 0 writes the
+        outputs and RUN_DIR/metrics.json."""
         cfg, task, ctx = self.cfg, self.task, self.ctx
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         torch.manual_seed(cfg.seed)
-        model = task.build_model().to(ctx.device)
-        opt = task.build_optimizer(model)
+        built = task.build()
+        model, opt = built.model, built.optimizer
         step, consumed, resumed_from = self._resume(model, opt)
         # DDP averages gradients over ranks. broadcast_buffers=False: buffers (the quantizer's EMA
         # statistics) are kept in sync by the model's own collectives, not overwritten by rank 0's.
-        net = task.ddp_module(model)
+        net = built.forward or model
         if ctx.world_size > 1:
             net = nn.parallel.DistributedDataParallel(net, broadcast_buffers=False)
         if ctx.is_main:
@@ -278,7 +299,6 @@ class Trainer:
             opt.step()
             step += 1
             consumed = batch.consumed
-            task.after_step(step, batch)
             if ctx.is_main:
                 progress.update(step, items * ctx.world_size, **metrics)
                 if step % progress.every == 0 or step == cfg.steps:
@@ -289,20 +309,19 @@ class Trainer:
                 self._save(step, model, opt, ctx.comm.gather_ints(consumed), loss)
         batches.close()  # stops the prefetch thread
         seconds = time.time() - t0
-        task.final_evaluation(model)
-        in_sync = self._replicas_in_sync(model)
-        if not ctx.is_main:
-            return None
-        summary = TrainSummary(dict(progress.last), history, seconds, resumed_from, ctx.world_size, in_sync)
-        return task.finish(model, self.run_dir, summary)
+        task.evaluate(model, cfg.steps, final=True)
+        in_sync = replicas_in_sync(task.replica_state(model), ctx.comm)
+        if ctx.is_main:
+            summary = TrainSummary(dict(progress.last), history, seconds, resumed_from, ctx.world_size, in_sync)
+            save_json(task.finish(model, self.run_dir, summary), self.run_dir / "metrics.json")
 
     def _resume(self, model: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, int, int | None]:
         """(step, samples this rank had consumed, step resumed from) from the newest checkpoint."""
         state, where = self.ctx.latest_state(self.run_dir)
         if state is None:
             return 0, 0, None
-        saved = self.task.canonical_model_config(state.get("model_config") or self.task.legacy_model_config(state) or {})
-        self._check_same_model(saved)
+        self._check_same_data_order(state, where)
+        self._check_same_model(self.task.saved_model_config(state))
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
@@ -325,6 +344,17 @@ class Trainer:
                   f"data order restarts from each rank's share of the {sum(by_rank)} samples read", flush=True)
         return sum(by_rank) // ctx.world_size
 
+    def _check_same_data_order(self, state: dict, where: str) -> None:
+        """A checkpoint's data position means something only in the data order it was written in
+        (pipeline/sharded_stream.py); checkpoints without stream_version were written before it."""
+        version = state.get("stream_version", 1)
+        if version != STREAM_VERSION:
+            raise ConfigError(
+                f"{where} was written by a vqtok that read the training data in another order (stream_version "
+                f"{version}; this vqtok's is {STREAM_VERSION}), so this run cannot continue with the data it would "
+                f"have seen. Finish it with the vqtok version that started it, or start over: use a new --out "
+                f"directory, or delete {self.run_dir / 'checkpoints'} (and {self.run_dir / RAY_TRAIN_NAME})")
+
     def _check_same_model(self, saved: dict) -> None:
         now = self.task.model_config()
         diff = {k: (saved.get(k), v) for k, v in now.items() if saved.get(k) != v}
@@ -335,7 +365,7 @@ class Trainer:
 
     def _save(self, step: int, model: nn.Module, opt: torch.optim.Optimizer, by_rank: list[int], loss) -> None:
         state = {
-            "step": step, "consumed": by_rank[self.ctx.rank], "consumed_by_rank": by_rank,
+            "step": step, "consumed": by_rank[self.ctx.rank], "consumed_by_rank": by_rank, "stream_version": STREAM_VERSION,
             "model": model.state_dict(), "optimizer": opt.state_dict(), "model_config": self.task.model_config(),
             "rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
             "config": self.cfg.to_dict(),
@@ -343,19 +373,21 @@ class Trainer:
         self.ctx.save_state(self.run_dir, step, state, keep=self.cfg.keep_checkpoints,
                             metrics={"step": step, "loss": float(loss.item())})
 
-    def _replicas_in_sync(self, model: nn.Module) -> bool | None:
-        """After training on several ranks: is the task's replica state bitwise identical on every
-        rank? It must be; a mismatch is a bug and fails the run."""
-        tensors = self.task.replica_state(model)
-        if self.ctx.world_size == 1 or not tensors:
-            return None
-        h = hashlib.sha256()
-        for t in tensors:
-            h.update(t.detach().cpu().contiguous().numpy().tobytes())
-        digests = self.ctx.comm.gather_objects(h.hexdigest())
-        if len(set(digests)) != 1:
-            raise RuntimeError(f"model replicas diverged across ranks (digests {digests}); please report this")
-        return True
+
+def replicas_in_sync(tensors: list[torch.Tensor], comm: Collectives) -> bool | None:
+    """After training on several ranks: are these tensors (a task's replica state) bitwise identical
+    on every rank? They must be; a mismatch is a bug and fails the run (RuntimeError on every rank).
+    None when there is nothing to compare (one rank, or no replica state)."""
+    if comm.world_size == 1 or not tensors:
+        return None
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    digests = comm.gather_objects(h.hexdigest())
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"model replicas diverged across ranks (digests {[d[:16] for d in digests]}); "
+                           f"please report this")
+    return True
 
 
 def _short(v) -> str:
@@ -400,26 +432,29 @@ def prefetch(it: Iterator, depth: int = 4) -> Iterator:
 # ---------------------------------------------------------------------------------------------
 # Launching: this process or Ray Train
 # ---------------------------------------------------------------------------------------------
-def launch(cfg: TrainingOptions, task_cls: type[Task], prepare: Callable[[], dict], *, what: str) -> Any:
+def launch(cfg: TrainingOptions, task_cls: type[Task[Any, P]], prepare: Callable[[], P], *, what: str) -> Any:
     """Validate, then train. `prepare()` runs on the driver after the output checks (it lists the
     inputs, so a pattern that matches nothing fails before any model is built) and returns the
-    payload every worker's task receives. Returns the task's result (rank 0's)."""
+    payload every worker's task receives. Trains in this process, or on Ray Train (cfg.on_ray);
+    either way the result is task_cls.result(location, the run's metrics.json)."""
     if cfg.on_ray:
         check_address(cfg.address)
     run_dir = prepare_output(cfg.out)
     payload = prepare()
-    if not cfg.on_ray:
-        ctx = WorkerContext(Collectives(device=resolve_device(cfg.device)), resolve_device(cfg.device))
-        return Trainer(task_cls(cfg, payload, ctx), run_dir).train()
-    storage = fit_on_ray(task_cls, type(cfg), cfg.to_dict(), payload, run_dir=run_dir, cfg=cfg,
-                         what=f"{what} ({cfg.batch_size // cfg.workers} per worker per step)")
-    return task_cls.result_from_storage(storage, read_json(storage, "metrics.json"))
+    if cfg.on_ray:
+        fit_on_ray(task_cls, cfg, payload, run_dir=run_dir,
+                   what=f"{what} ({cfg.batch_size // cfg.workers} per worker per step)")
+    else:
+        device = resolve_device(cfg.device)
+        Trainer(task_cls(cfg, payload, WorkerContext(Collectives(device=device), device)), run_dir).train()
+    where = location(cfg.out, run_dir)
+    return task_cls.result(where, read_json(where, "metrics.json"))
 
 
-def fit_on_ray(task_cls: type[Task], cfg_cls: type[TrainingOptions], cfg_dict: dict, payload: dict, *,
-               run_dir: Path | None, cfg: TrainingOptions, what: str) -> str:
-    """Run the Trainer on cfg.workers Ray Train workers; returns the storage location (RUN_DIR or
-    the --out URL) where rank 0 left the outputs. Raises when the run fails for good (after
+def fit_on_ray(task_cls: type[Task[Any, P]], cfg: TrainingOptions, payload: P, *, run_dir: Path | None,
+               what: str) -> None:
+    """Run the Trainer on cfg.workers Ray Train workers; rank 0 leaves the outputs in run_dir (a
+    local --out) or uploads them to the --out URL. Raises when the run fails for good (after
     max_failures restarts of the worker group)."""
     ray = init_ray(cfg.address)
     check_resources(ray, workers=cfg.workers, gpus_per_worker=cfg.gpus_per_worker)
@@ -427,13 +462,13 @@ def fit_on_ray(task_cls: type[Task], cfg_cls: type[TrainingOptions], cfg_dict: d
     from ray.train.torch import TorchTrainer
 
     resources = {"CPU": cfg.cpus_per_worker} | ({"GPU": cfg.gpus_per_worker} if cfg.gpus_per_worker else {})
-    storage = str(run_dir.resolve()) if run_dir is not None else cfg.out.rstrip("/")
+    run_dir = run_dir.resolve() if run_dir is not None else None  # Ray Train's storage path must be absolute
+    storage = str(run_dir) if run_dir is not None else cfg.out.rstrip("/")
     print(f"vqtok: {what} on Ray Train with {cfg.workers} workers ({'GPU' if cfg.gpus_per_worker else 'CPU'}); "
           f"checkpoints in {storage}/{RAY_TRAIN_NAME}", flush=True)
     trainer = TorchTrainer(
         _ray_entry,
-        train_loop_config={"task_cls": task_cls, "cfg_cls": cfg_cls, "cfg": cfg_dict, "payload": payload,
-                           "out": cfg.out, "run_dir": None if run_dir is None else str(run_dir.resolve())},
+        train_loop_config={"task_cls": task_cls, "cfg": cfg, "payload": payload, "run_dir": run_dir},
         scaling_config=ScalingConfig(num_workers=cfg.workers, use_gpu=cfg.gpus_per_worker > 0,
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -443,11 +478,10 @@ def fit_on_ray(task_cls: type[Task], cfg_cls: type[TrainingOptions], cfg_dict: d
         ),
     )
     trainer.fit()
-    return storage
 
 
 def _ray_entry(config: dict) -> None:
-    """Every Ray Train worker starts here."""
+    """Every Ray Train worker starts here (config: fit_on_ray's train_loop_config)."""
     import logging
     import warnings
 
@@ -466,65 +500,12 @@ def _ray_entry(config: dict) -> None:
     tc = ray.train.get_context()
     device = str(ray.train.torch.get_device())
     ctx = RayWorkerContext(Collectives(tc.get_world_rank(), tc.get_world_size(), device), device)
-    task = config["task_cls"](config["cfg_cls"].from_dict(config["cfg"]), config["payload"], ctx)
+    cfg = config["cfg"]
+    task = config["task_cls"](cfg, config["payload"], ctx)
     if config["run_dir"] is not None:
-        Trainer(task, Path(config["run_dir"])).train()
+        Trainer(task, config["run_dir"]).train()
         return
     with tempfile.TemporaryDirectory(prefix="vqtok-run-") as local:  # outputs staged here, then uploaded
-        result = Trainer(task, Path(local)).train()
-        if ctx.is_main and result is not None:
-            upload_outputs(Path(local), config["out"])
-
-
-# ---------------------------------------------------------------------------------------------
-# The run directory
-# ---------------------------------------------------------------------------------------------
-def is_url(out: str) -> bool:
-    return "://" in out and not out.startswith("file://")
-
-
-def prepare_output(out: str) -> Path | None:
-    """The local run directory, created; None for an object-store URL (checked writable). Fails now,
-    naming --out, when it cannot be written."""
-    if is_url(out):
-        import fsspec
-
-        try:
-            fs, root = fsspec.core.url_to_fs(out)
-            probe = f"{root.rstrip('/')}/.write-test"
-            fs.pipe_file(probe, b"ok")
-            fs.rm_file(probe)
-        except Exception as e:
-            first = str(e).splitlines()[0] if str(e) else ""
-            raise ConfigError(f"--out {out}: cannot write there ({type(e).__name__}: {first}); check the bucket, "
-                              f"credentials and endpoint, or give a local directory") from None
-        return None
-    p = Path(out)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        probe = p / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise ConfigError(f"--out {out}: cannot write there ({e.strerror}); choose a writable directory") from None
-    return p
-
-
-def upload_outputs(local: Path, out: str) -> None:
-    import fsspec
-
-    fs, root = fsspec.core.url_to_fs(out)
-    root = root.rstrip("/")
-    for path in sorted(local.rglob("*")):
-        if path.is_file() and "checkpoints" not in path.parts:
-            fs.put_file(str(path), f"{root}/{path.relative_to(local)}")
-    print(f"vqtok: uploaded the outputs to {out}", flush=True)
-
-
-def read_json(storage: str, name: str) -> dict:
-    import json
-
-    import fsspec
-
-    with fsspec.open(f"{storage}/{name}", "r") as f:
-        return json.load(f)
+        Trainer(task, Path(local)).train()
+        if ctx.is_main:
+            upload_outputs(Path(local), cfg.out)

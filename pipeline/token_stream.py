@@ -8,12 +8,9 @@ shuffled, rank-disjoint, resumable batch stream.
     for batch in stream.batches(64, skip=resume_rows): batch.tokens, batch.labels, batch.consumed
 
 Never the whole dataset in memory: a rank holds one Parquet record batch being read plus its
-shuffle buffer. Epoch e visits the parts in an order drawn from (seed, e); with at least as many
-parts as ranks each rank takes every world_size-th part of that order (disjoint), otherwise each
-rank reads all parts and keeps rows i % world_size == rank (disjoint too). Rows pass a seeded
-block shuffle buffer that is flushed at the end of each epoch, so epoch e of rank r is a fixed
-sequence: a resumed run skips whole epochs by their row counts (from the manifest, without
-reading) and then the rows it had consumed within the epoch.
+shuffle buffer. The order, the ranks' shares, the shuffle buffer and resume are those of every
+training stream (pipeline/sharded_stream.py); the manifest's row counts let a resumed run pass
+over whole epochs without reading them, then over the rows it had consumed within the epoch.
 """
 from __future__ import annotations
 
@@ -26,6 +23,7 @@ import pyarrow.parquet as pq
 import torch
 
 from .errors import DataError
+from .sharded_stream import ShardedStream
 from .token_dataset import TokenDataset, _DescribedByMetadata, iter_part_rows
 from .token_format import METADATA_KEY, Part
 
@@ -140,115 +138,52 @@ class TokenBatch:
 
 
 class TokenStream:
+    """Token grids and labels of Parquet parts through one ShardedStream (pipeline/sharded_stream.py:
+    the epoch order, the shards over ranks, the shuffle buffer, resume); the parts' row counts come
+    from the manifest, so a resumed run passes over whole epochs without reading them."""
+
     def __init__(self, parts: Sequence[Part], grid: tuple[int, int], *, seed: int = 0, rank: int = 0,
                  world_size: int = 1, shuffle: bool = True, shuffle_buffer: int = 20_000, read_rows: int = 2048):
-        if not parts:
-            raise DataError("no token parts to read")
-        self.parts, self.grid = list(parts), grid
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.shuffle, self.shuffle_buffer, self.read_rows = shuffle, max(1, shuffle_buffer), read_rows
-        self.by_part = len(self.parts) >= world_size
-
-    def _epoch_parts(self, epoch: int) -> list[Part]:
-        order = list(range(len(self.parts)))
-        if self.shuffle:
-            # seeded by (seed, epoch, 7): the same order on every rank, which then takes its share.
-            # The 7 is an arbitrary stream tag (it must only stay fixed: changing it changes every
-            # run's part order); rank 7's shuffle buffer below drawing the same numbers is harmless.
-            np.random.default_rng([self.seed, epoch, 7]).shuffle(order)
-        parts = [self.parts[i] for i in order]
-        return parts[self.rank:: self.world_size] if self.by_part else parts
+        self.grid, self.read_rows = grid, read_rows
+        self.stream = ShardedStream(parts, lambda part: iter_part_rows(part, self.read_rows), size=lambda part: part.rows,
+                                    seed=seed, rank=rank, world_size=world_size, shuffle=shuffle,
+                                    shuffle_buffer=shuffle_buffer, what=("part", "row"))
 
     def epoch_rows(self, epoch: int) -> int:
         """Rows this rank reads in epoch e, from the manifest's counts (nothing is read)."""
-        parts = self._epoch_parts(epoch)
-        if self.by_part:
-            return sum(p.rows for p in parts)
-        total = sum(p.rows for p in parts)
-        return len(range(self.rank, total, self.world_size))
-
-    def _epoch_chunks(self, epoch: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        offset = 0  # row index over the whole epoch (for row striding)
-        for part in self._epoch_parts(epoch):
-            for tokens, labels in iter_part_rows(part, self.read_rows):
-                if not self.by_part:
-                    keep = (np.arange(offset, offset + len(labels)) % self.world_size) == self.rank
-                    offset += len(labels)
-                    tokens, labels = tokens[keep], labels[keep]
-                if len(labels):
-                    yield tokens, labels
-
-    def _shuffled(self, chunks: Iterator[tuple[np.ndarray, np.ndarray]], epoch: int):
-        """Block shuffle buffer: gather rows until the pool holds shuffle_buffer, permute the pool,
-        emit all but a random half-buffer, which stays to mix with the next rows. Flushed at the
-        end of the epoch."""
-        if not self.shuffle:
-            yield from chunks
-            return
-        rng = np.random.default_rng([self.seed, epoch, self.rank])  # per rank: each shuffles its own rows
-        pool_t: list[np.ndarray] = []
-        pool_l: list[np.ndarray] = []
-        size = 0
-        keep = self.shuffle_buffer // 2
-        for tokens, labels in chunks:
-            pool_t.append(tokens)
-            pool_l.append(labels)
-            size += len(labels)
-            if size >= self.shuffle_buffer:
-                t, lab = np.concatenate(pool_t), np.concatenate(pool_l)
-                perm = rng.permutation(size)
-                t, lab = t[perm], lab[perm]
-                yield t[: size - keep], lab[: size - keep]
-                pool_t, pool_l, size = [t[size - keep:]], [lab[size - keep:]], keep
-        if size:
-            t, lab = np.concatenate(pool_t), np.concatenate(pool_l)
-            perm = rng.permutation(size)
-            yield t[perm], lab[perm]
+        return self.stream.epoch_size(epoch)
 
     def rows(self, skip: int = 0) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
         """(epoch, tokens, labels) chunks forever, starting after `skip` rows of this rank's stream."""
-        epoch = 0
-        while True:
-            n = self.epoch_rows(epoch)
-            if n == 0:
-                raise DataError(f"rank {self.rank} of {self.world_size}: epoch {epoch} has no rows "
-                                f"({len(self.parts)} parts, {sum(p.rows for p in self.parts)} rows in all)")
-            if skip >= n:  # a whole epoch already consumed: skip it without reading
-                skip -= n
-                epoch += 1
-                continue
-            for tokens, labels in self._shuffled(self._epoch_chunks(epoch), epoch):
-                if skip:
-                    drop = min(skip, len(labels))
-                    tokens, labels, skip = tokens[drop:], labels[drop:], skip - drop
-                if len(labels):
-                    yield epoch, tokens, labels
-            epoch += 1
+        for chunk in self.stream.chunks(skip):
+            yield chunk.epoch, *chunk.columns
+
+    def _batch(self, tokens: np.ndarray, labels: np.ndarray, consumed: int, epoch: int) -> TokenBatch:
+        h, w = self.grid
+        return TokenBatch(torch.from_numpy(tokens.astype(np.int64)).view(len(labels), h, w),
+                          torch.from_numpy(labels), consumed, epoch)
 
     def one_pass(self, batch_size: int, max_rows: int | None = None) -> Iterator[TokenBatch]:
         """Epoch 0 once (the first max_rows rows of it), in batches; the last one may be short.
         For evaluation: unshuffled, every rank its own disjoint share."""
-        h, w = self.grid
         want = self.epoch_rows(0) if max_rows is None else min(max_rows, self.epoch_rows(0))
         done = 0
-        for epoch, tokens, labels in self.rows():
-            if epoch > 0 or done >= want:
-                return
+        for chunk in self.stream.chunks(epochs=1):
+            tokens, labels = chunk.columns
             for i in range(0, len(labels), batch_size):
                 take = min(batch_size, len(labels) - i, want - done)
                 if take <= 0:
                     return
                 done += take
-                yield TokenBatch(torch.from_numpy(tokens[i:i + take].astype(np.int64)).view(take, h, w),
-                                 torch.from_numpy(labels[i:i + take]), done, 0)
+                yield self._batch(tokens[i:i + take], labels[i:i + take], done, 0)
 
     def batches(self, batch_size: int, *, skip: int = 0) -> Iterator[TokenBatch]:
         """Batches of batch_size rows forever (epochs run into each other)."""
-        h, w = self.grid
         pend_t: list[np.ndarray] = []
         pend_l: list[np.ndarray] = []
         have, consumed = 0, skip
-        for epoch, tokens, labels in self.rows(skip):
+        for chunk in self.stream.chunks(skip):
+            tokens, labels = chunk.columns
             pend_t.append(tokens)
             pend_l.append(labels)
             have += len(labels)
@@ -259,7 +194,6 @@ class TokenStream:
             for i in range(nb):
                 s = slice(i * batch_size, (i + 1) * batch_size)
                 consumed += batch_size
-                yield TokenBatch(torch.from_numpy(t[s].astype(np.int64)).view(batch_size, h, w),
-                                 torch.from_numpy(lab[s]), consumed, epoch)
+                yield self._batch(t[s], lab[s], consumed, chunk.epoch)
             pend_t, pend_l = [t[nb * batch_size:]], [lab[nb * batch_size:]]
             have = len(pend_l[0])

@@ -112,6 +112,22 @@ def test_file_then_flags_then_defaults(tmp_path):
     assert again == cfg
 
 
+def test_the_priors_model_options_nest_and_old_flat_files_still_load(tmp_path):
+    """train-prior's model options are `model: {...}` like train-vqvae's; a --config file written
+    when they were flat still loads, and a flag given on top overrides its value."""
+    from vqtok import PriorTrainConfig
+    from vqtok.models.prior import PriorShape
+
+    old = tmp_path / "old.yaml"
+    old.write_text("tokens: [t]\nsteps: 7\nn_layer: 6\nn_head: 2\nn_embd: 64\n")
+    cfg = config_from_args(PriorTrainConfig, _args("train-prior", "--config", str(old), "--out", "o", "--n-layer", "3"))
+    assert cfg.model == PriorShape(n_layer=3, n_head=2, n_embd=64) and cfg.steps == 7
+    nested = tmp_path / "new.yaml"
+    nested.write_text("tokens: [t]\nsteps: 7\nmodel:\n  n_layer: 3\n  n_head: 2\n  n_embd: 64\n")
+    assert config_from_args(PriorTrainConfig, _args("train-prior", "--config", str(nested), "--out", "o")) == cfg
+    assert PriorTrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg  # the saved config.json
+
+
 def test_defaults_come_from_the_dataclass_not_the_parser(tmp_path):
     from vqtok import PriorTrainConfig, SampleConfig
 

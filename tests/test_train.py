@@ -13,7 +13,7 @@ import torch
 
 from conftest import SAMPLE_DIR, TINY_MODEL, png_bytes, run_cli, write_tar
 from vqtok import ConfigError, TrainConfig, Tokenizer, train_vqvae
-from vqtok.jobs.checkpoint import list_checkpoints, load_checkpoint
+from vqtok.jobs.rundir import list_checkpoints, load_checkpoint
 
 FAST = [*TINY_MODEL, "--batch-size", "32", "--log-every", "10", "--warmup-steps", "5"]
 
@@ -118,6 +118,23 @@ def test_resume_refuses_a_different_model(tmp_path):
     with pytest.raises(ConfigError, match="codebook_size: 16 in the checkpoint vs 32 now"):
         train_vqvae(TrainConfig(data=[str(SAMPLE_DIR)], out=str(out), steps=4, batch_size=8,
                                 model={"width": 16, "code_dim": 8, "codebook_size": 32, "res_blocks": 1}))
+
+
+def test_the_result_is_read_back_from_the_run_directory(tmp_path, monkeypatch):
+    """One way results come back, in this process as on Ray: from the outputs' location and the
+    metrics.json rank 0 wrote there."""
+    import vqtok.jobs.trainer as trainer
+
+    read = []
+    real = trainer.read_json
+    monkeypatch.setattr(trainer, "read_json", lambda where, name: read.append((where, name)) or real(where, name))
+    out = tmp_path / "run"
+    r = train_vqvae(TrainConfig(data=[str(SAMPLE_DIR)], out=str(out), steps=2, batch_size=8,
+                                model={"width": 16, "code_dim": 8, "codebook_size": 16, "res_blocks": 1}))
+    assert read == [(str(out), "metrics.json")]
+    assert r.metrics == json.loads((out / "metrics.json").read_text())
+    assert (r.run_dir, r.tokenizer_dir, r.reconstructions) == (str(out), f"{out}/tokenizer", f"{out}/reconstructions.png")
+    assert r.tokenizer_id == Tokenizer.load(r.tokenizer_dir).id and r.resumed_from is None
 
 
 def test_corrupt_members_never_crash_training(tmp_path, fmnist):

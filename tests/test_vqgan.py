@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from conftest import REPO, SAMPLE_DIR, run_cli
 from vqtok import ConfigError, Tokenizer
-from vqtok.jobs.checkpoint import list_checkpoints, load_checkpoint
+from vqtok.jobs.rundir import list_checkpoints, load_checkpoint
 from vqtok.jobs.options import add_options, config_from_args
 from vqtok.jobs.run import PipelineConfig
 from vqtok.jobs.train_vqvae import TrainConfig

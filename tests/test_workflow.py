@@ -11,7 +11,7 @@ from vqtok import ConfigError, Pipeline, PipelineConfig, TokenDataset
 
 TINY_TRAIN = {"steps": 30, "batch_size": 32, "log_every": 10, "checkpoint_every": 30,
               "model": {"width": 32, "code_dim": 16, "codebook_size": 32, "res_blocks": 1}}
-TINY_PRIOR = {"steps": 30, "batch_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 32, "log_every": 10,
+TINY_PRIOR = {"steps": 30, "batch_size": 16, "model": {"n_layer": 1, "n_head": 2, "n_embd": 32}, "log_every": 10,
               "eval_every": 30, "checkpoint_every": 30}
 
 
@@ -23,7 +23,9 @@ def tiny(out: Path) -> PipelineConfig:
 @pytest.mark.parametrize("change, message", [
     ({"colour": 1}, "pipeline: unknown option(s) ['colour']"),
     ({"prior": {"n_embed": 64}}, "pipeline.prior: train-prior config: unknown option(s) ['n_embed']"),
-    ({"prior": {"n_embd": 30, "n_head": 4}}, "pipeline.prior: --n-embd 30 must be divisible by --n-head 4"),
+    ({"prior": {"model": {"n_embd": 30, "n_head": 4}}}, "pipeline.prior: --n-embd 30 must be divisible by --n-head 4"),
+    ({"prior": {"n_embd": 30, "n_head": 4}}, "pipeline.prior: --n-embd 30 must be divisible by --n-head 4"),  # flat, as before
+    ({"prior": {"model": {"n_embed": 64}}}, "pipeline.prior: model: unknown option(s) ['n_embed']"),
     ({"train": {"model": {"downsample": 3}}}, "downsample"),
     ({"train": {"data": ["x"]}}, "pipeline.train: ['data'] are set by the pipeline"),
     ({"sample": {"top_p": 2}}, "pipeline.sample: --top-p 2: must be in (0, 1]"),
@@ -49,6 +51,43 @@ def test_config_files_yaml_and_json(tmp_path):
         PipelineConfig.load(str(example))
     r = run_cli("run", str(tmp_path / "missing.yaml"))
     assert r.returncode == 2 and "no such file" in r.stderr
+
+
+# examples/pipeline-fashion-mnist.yaml as it was before the prior's options nested, verbatim
+OLD_FLAT_PIPELINE = """\
+# The demo's pipeline as a config file: `vqtok run examples/pipeline-fashion-mnist.yaml`
+# (the same as `vqtok demo`). Paths are relative to where you run it.
+out: runs/demo-config
+data: [examples/fashion-mnist]          # the bundled 10k Fashion-MNIST test split (IDX files)
+convert_shard_size: 2500                # write it as 4 WebDataset shards first
+train:                                  # any `vqtok train-vqvae` option, by field name
+  steps: 1200
+  batch_size: 128
+  workers: 2                            # Ray Train workers (DDP); 1 trains in this process
+tokenize:                               # any `vqtok tokenize` option
+  workers: 1
+prior:                                  # any `vqtok train-prior` option
+  steps: 1000
+  batch_size: 64
+  n_layer: 4
+  n_head: 4
+  n_embd: 128
+  lr: 2.0e-3
+sample:                                 # any `vqtok sample` option
+  n: 100
+  cfg_scale: 2.0
+"""
+
+
+def test_an_old_pipeline_file_with_flat_prior_options_loads_as_the_nested_one(tmp_path):
+    from vqtok.models.prior import PriorShape
+
+    (tmp_path / "old.yaml").write_text(OLD_FLAT_PIPELINE)
+    old = PipelineConfig.load(str(tmp_path / "old.yaml")).stage_config("train-prior")
+    new = PipelineConfig.load(str(REPO / "examples" / "pipeline-fashion-mnist.yaml")).stage_config("train-prior")
+    assert old.model == PriorShape(n_layer=4, n_head=4, n_embd=128)
+    assert old == new and old.steps == 1000 and old.lr == 2e-3
+    assert "n_layer" not in old.to_dict() and old.to_dict()["model"]["n_embd"] == 128  # saved nested
 
 
 def test_pipeline_runs_every_stage_then_skips_what_exists(tmp_path):
