@@ -51,7 +51,7 @@ class OverBudget(Exception):
 
 
 def writer_classes():
-    from vqtok.pipeline import token_format as fmt, token_writer as td
+    from vqtok.pipeline import token_writer as td
 
     class OldProtocolWriter(td.TokenWriter):
         """Before the change: every commit rewrote the whole manifest."""
@@ -66,7 +66,7 @@ def writer_classes():
 
 
 def fixtures(n: int):
-    from vqtok.pipeline import token_format as fmt, token_writer as td
+    from vqtok.pipeline import token_format as fmt
     from vqtok.pipeline.sources import Unit
 
     meta = fmt.dataset_metadata(codebook_size=512, tokenizer_id="bench-" + "0" * 58, grid=(2, 2),
@@ -81,7 +81,7 @@ def fixtures(n: int):
 def run_cell(url: str, protocol: str, n: int, budget: float) -> dict:
     """Open a fresh dataset at url, commit n units with the given protocol, close; measure."""
     from vqtok import TokenDataset
-    from vqtok.pipeline import token_format as fmt, token_writer as td
+    from vqtok.pipeline import token_format as fmt
 
     meta, units, tables = fixtures(n)
     cls = writer_classes()[protocol]
@@ -232,7 +232,7 @@ def main() -> int:
     stores = args.stores.split(",")
     OUT.mkdir(parents=True, exist_ok=True)
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server logs every request otherwise
-    from vqtok.pipeline import token_format as fmt, token_writer as td
+    from vqtok.pipeline import token_writer as td
 
     measured = source_version()  # as imported now
     results, notes, t_run = {}, [], time.perf_counter()

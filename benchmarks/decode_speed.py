@@ -1,7 +1,7 @@
 """Decode speed at 256 px: the whole JPEG decode (old policy) vs the reduced one (new policy).
 
 What `vqtok tokenize` does to each image, in one process on one core: encoded bytes ->
-Preprocess.decode (models/preprocess.py) -> (256, 256, 3) uint8, under Preprocess's LEGACY_POLICY (every
+Preprocess.decode (models/tokenizer.py) -> (256, 256, 3) uint8, under Preprocess's LEGACY_POLICY (every
 pixel decoded, then shorter side to 256 bicubic, center crop) and its POLICY (a JPEG decoded at
 1/2, 1/4 or 1/8 scale by libjpeg, PIL's draft, keeping the shorter side >= 2 x 256, then the same
 resize and crop). Inputs, real colour JPEGs from the Debian desktop-background packages
@@ -39,7 +39,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).parent))
 from _common import append_results, table  # noqa: E402
 
-from vqtok.models.preprocess import DRAFT_MARGIN, LEGACY_POLICY, POLICY, Preprocess, jpeg_draft  # noqa: E402
+from vqtok.models.tokenizer import DRAFT_MARGIN, LEGACY_POLICY, POLICY, Preprocess, jpeg_draft  # noqa: E402
 
 PACKAGES = ("mate-backgrounds", "plasma-workspace-wallpapers")
 ROOTS = (Path("/usr/share/backgrounds"), Path("/usr/share/wallpapers"))

@@ -64,10 +64,10 @@ from _common import append_results, table  # noqa: E402
 
 from vqtok import Tokenizer, TrainConfig, VQVAEConfig, train_vqvae  # noqa: E402
 from vqtok.jobs.trainer import cosine_lr, prefetch  # noqa: E402
-from vqtok.models.preprocess import Preprocess  # noqa: E402
+from vqtok.models.tokenizer import Preprocess  # noqa: E402
 from vqtok.models.vqgan import VQGANDecoder, VQGANEncoder  # noqa: E402
 from vqtok.models.vqvae import perplexity  # noqa: E402
-from vqtok.pipeline.image_stream import ImageStream  # noqa: E402
+from vqtok.pipeline.sharded_stream import ImageStream  # noqa: E402
 from vqtok.pipeline.sources import FailureLog, list_units  # noqa: E402
 
 PACKAGES = ("mate-backgrounds", "plasma-workspace-wallpapers", "ukui-wallpapers", "lomiri-wallpapers-16.04",

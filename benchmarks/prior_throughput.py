@@ -24,7 +24,8 @@ from _common import append_results, table  # noqa: E402
 
 from vqtok import Prior, PriorConfig, TokenDataset  # noqa: E402
 from vqtok.jobs.trainer import prefetch  # noqa: E402
-from vqtok.pipeline.token_stream import TokenCorpus, TokenStream  # noqa: E402
+from vqtok.pipeline.sharded_stream import TokenStream  # noqa: E402
+from vqtok.pipeline.token_dataset import TokenCorpus  # noqa: E402
 
 
 def main() -> int:

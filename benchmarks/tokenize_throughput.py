@@ -99,7 +99,7 @@ def decode_per_core(shard: str, image_size: int = 28, channels: int = 1) -> floa
     """Images/s one core reads and decodes from a shard (the Ray read task's work), no Ray."""
     import pyarrow as pa
 
-    from vqtok.models.preprocess import Preprocess
+    from vqtok.models.tokenizer import Preprocess
     from vqtok.pipeline.sources import list_units
     from vqtok.pipeline.stages import read_units, unit_items
 

@@ -13,10 +13,11 @@ from pathlib import Path
 from ..models import Tokenizer
 from ..models.config import Config, ConfigError, option
 from ..pipeline.evaluate import evaluate, save_eval_pictures
-from ..pipeline.image_stream import ImageStream
-from ..models.preprocess import DEFAULT_MAX_PIXELS
+from ..pipeline.sharded_stream import ImageStream
+from ..models.tokenizer import DEFAULT_MAX_PIXELS
 from ..pipeline.sources import FailureLog, list_units, split_patterns
-from .options import Command, job_main, save_json
+from .options import Command, job_main
+from .rundir import save_json
 
 
 @dataclass(kw_only=True)

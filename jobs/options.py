@@ -121,14 +121,6 @@ def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def save_json(obj: Any, path: str | os.PathLike) -> None:
-    """Write JSON atomically (a temporary file renamed into place)."""
-    p = Path(path)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
-    os.replace(tmp, p)
-
-
 # ---------------------------------------------------------------------------------------------
 # Entry points
 # ---------------------------------------------------------------------------------------------

@@ -28,7 +28,8 @@ from pathlib import Path
 
 from ..models.config import Config, ConfigError, option
 from ..pipeline.sources import split_patterns
-from .options import Command, job_main, load_config_file, save_json
+from .options import Command, job_main, load_config_file
+from .rundir import save_json
 from .progress import fmt_duration
 from .sample import SampleConfig, sample
 from .tokenize import TokenizeConfig, run as run_tokenize

@@ -4,7 +4,7 @@ gs://, ... any fsspec URL) and the training checkpoints kept in it.
     run_dir = prepare_output(cfg.out)     # a local Path (created, checked writable), or None for a URL
     where = location(cfg.out, run_dir)    # how results name it: the directory as given, or the URL
     upload_outputs(Path(staging), cfg.out)  # a URL --out: files written locally, then copied there
-    metrics = read_json(where, "metrics.json")
+    save_json(metrics, run_dir / "metrics.json"); metrics = read_json(where, "metrics.json")
     save_checkpoint(run_dir, step, state, keep=3); load_checkpoint(latest_checkpoint(run_dir))
 
 Checkpoints (RUN_DIR/checkpoints/step-NNNNNNNN.pt) are dicts of tensors and plain Python values,
@@ -21,6 +21,7 @@ import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -75,6 +76,14 @@ def upload_outputs(local: Path, out: str) -> None:
         if path.is_file() and "checkpoints" not in path.parts:
             fs.put_file(str(path), f"{root}/{path.relative_to(local)}")
     print(f"vqtok: uploaded the outputs to {out}", flush=True)
+
+
+def save_json(obj: Any, path: str | os.PathLike) -> None:
+    """Write JSON atomically (a temporary file renamed into place), in a local run directory."""
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+    os.replace(tmp, p)
 
 
 def read_json(where: str, name: str) -> dict:

@@ -23,7 +23,8 @@ from ..models.bundle import vqtok_version
 from ..models.config import Config, ConfigError, option
 from ..models.prior import Prior, Samples
 from ..pipeline.viz import save_sample_grid
-from .options import Command, job_main, save_json
+from .options import Command, job_main
+from .rundir import save_json
 from .trainer import resolve_device
 
 

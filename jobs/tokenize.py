@@ -22,8 +22,7 @@ import numpy as np
 
 from ..models.bundle import read_bundle, vqtok_version
 from ..models.config import Config, ConfigError, option
-from ..models.preprocess import DEFAULT_MAX_PIXELS
-from ..models.tokenizer import Tokenizer
+from ..models.tokenizer import DEFAULT_MAX_PIXELS, Tokenizer
 from ..pipeline.errors import DataError
 from ..pipeline.lease import DEFAULT_TTL
 from ..pipeline.sources import FOLDER_UNIT_SIZE, Failure, list_units, split_patterns

@@ -14,7 +14,7 @@ codebook size and grid from their schema metadata, counts the codes once for the
 (the scale for bits per token) and the labels for the number of classes, and finds the tokenizer
 (--tokenizer, else where the dataset says `vqtok tokenize` read it). Then the loop runs in this
 process, or with --workers N / --address on N Ray Train workers (DDP): each worker streams its own
-disjoint share of the Parquet parts through a shuffle buffer (pipeline.token_stream), never the
+disjoint share of the Parquet parts through a shuffle buffer (pipeline.sharded_stream), never the
 whole dataset. Checkpoints every --checkpoint-every steps; re-running the same command resumes.
 
 PRIOR_DIR ends up with prior/ (the bundle: config.json with the tokenizer's id and location,
@@ -40,7 +40,8 @@ from ..models.prior import Prior, PriorConfig, PriorShape, bits
 from ..pipeline.errors import DataError
 from ..pipeline.sources import split_patterns
 from ..pipeline.token_format import Part
-from ..pipeline.token_stream import TokenCorpus, TokenStream
+from ..pipeline.sharded_stream import TokenStream
+from ..pipeline.token_dataset import TokenCorpus
 from ..pipeline.viz import save_sample_grid, save_training_curves
 from .options import Command, job_main
 from .progress import fmt_duration

@@ -27,8 +27,8 @@ from ..models import VQVAE, Preprocess, Tokenizer, VQVAEConfig
 from ..models.config import ConfigError, option
 from ..pipeline.errors import DataError
 from ..pipeline.evaluate import evaluate, save_eval_pictures
-from ..pipeline.image_stream import ImageStream
-from ..models.preprocess import DEFAULT_MAX_PIXELS
+from ..pipeline.sharded_stream import ImageStream
+from ..models.tokenizer import DEFAULT_MAX_PIXELS
 from ..pipeline.sources import FailureLog, Unit, list_units, split_patterns
 from ..pipeline.viz import save_training_curves
 from .options import Command, job_main

@@ -40,11 +40,10 @@ from torch import nn
 from ..models.config import Config, ConfigError, option
 from ..models.distributed import Collectives
 from ..pipeline.sharded_stream import STREAM_VERSION
-from .options import save_json
 from .progress import Progress
 from ._ray import check_address, check_resources, init_ray
 from .rundir import (is_url, latest_checkpoint, load_checkpoint, location, prepare_output, read_json, save_checkpoint,
-                     upload_outputs)
+                     save_json, upload_outputs)
 
 RAY_TRAIN_NAME = "ray_train"  # Ray Train's checkpoints live in RUN_DIR/ray_train
 

@@ -4,8 +4,7 @@ from .bundle import bundle_id, vqtok_version
 from .config import Config, ConfigError, option
 from .distributed import Collectives
 from .prior import Prior, PriorConfig, Samples
-from .preprocess import Preprocess
-from .tokenizer import Tokenizer
+from .tokenizer import Preprocess, Tokenizer
 from .vqvae import VQVAE, Decoder, Encoder, VectorQuantizer, VQVAEConfig, kmeans, perplexity, straight_through
 
 __all__ = ["Preprocess", "VectorQuantizer", "kmeans", "perplexity", "straight_through", "Collectives",

@@ -16,7 +16,7 @@ import numpy as np
 from PIL import Image
 from webdataset import TarWriter
 
-from ..models.preprocess import DEFAULT_MAX_PIXELS, DecodeError, open_image
+from ..models.tokenizer import DEFAULT_MAX_PIXELS, DecodeError, open_image
 from .errors import DataError
 from .sources import FailureLog, Failure, iter_unit, list_units
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..models.preprocess import Preprocess
+from ..models.tokenizer import Preprocess
 from ..models.vqvae import perplexity
 from ..models.vqvae import VQVAE
-from .image_stream import ImageStream
+from .sharded_stream import ImageStream
 from .viz import save_reconstruction_grid, save_usage_histogram
 
 

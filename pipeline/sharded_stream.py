@@ -1,5 +1,11 @@
-"""One seeded, sharded, shuffled, resumable stream of items: the training data under both models,
-image samples (pipeline/image_stream.py) and token rows (pipeline/token_stream.py).
+"""The training data of both models: one seeded, sharded, shuffled, resumable stream of items
+(ShardedStream), under image samples (ImageStream: the tokenizer's, and evaluation's) and token rows
+(TokenStream: the prior's).
+
+    stream = ImageStream(units, preprocess, seed=0, rank=r, world_size=w, shuffle_buffer=10_000)
+    for batch in stream.batches(64, skip=resume_samples): batch.pixels, batch.labels, batch.consumed
+    stream = TokenStream(corpus.parts, corpus.grid, seed=0, rank=r, world_size=w)
+    for batch in stream.batches(64, skip=resume_rows): batch.tokens, batch.labels, batch.consumed
 
     stream = ShardedStream(units, read, size=rows_of, seed=0, rank=r, world_size=w, shuffle_buffer=20_000)
     for chunk in stream.chunks(skip=consumed):   # forever (or `epochs` passes)
@@ -25,16 +31,31 @@ reading it. The rules, the same for both kinds of data:
   default_rng((seed, epoch, 1)) drives the buffer, on every rank alike. Changing any of this changes
   every run's data order: bump STREAM_VERSION, which checkpoints record (jobs/trainer.py refuses
   to resume a checkpoint of another version, since its data order cannot be continued).
+
+ImageStream: the raw samples (still encoded) of the input units go through the stream, then are
+decoded and batched. `consumed` counts raw samples taken from the stream, those that failed to
+decode included, so a resumed run skips exactly what it had read, without decoding it.
+
+TokenStream: token grids and labels of Parquet parts (pipeline/token_dataset.py's TokenCorpus);
+never the whole dataset in memory: a rank holds one Parquet record batch being read plus its
+shuffle buffer, and the manifest's row counts let a resumed run pass over whole epochs without
+reading them, then over the rows it had consumed within the epoch.
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from itertools import islice
 from typing import Generic, TypeVar
 
 import numpy as np
+import torch
 
+from ..models.tokenizer import DEFAULT_MAX_PIXELS, DecodeError, Preprocess
 from .errors import DataError
+from .sources import Failure, FailureLog, Unit, iter_unit
+from .token_dataset import iter_part_rows
+from .token_format import Part
 
 # The data order defined above. 1 (implied by checkpoints that record none): the two streams vqtok
 # had before this one, with their own orders; they cannot be continued by this one.
@@ -147,3 +168,147 @@ def object_column(items: Sequence) -> np.ndarray:
     for i, item in enumerate(items):  # one by one: numpy would unpack items that are sequences
         out[i] = item
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+READ_CHUNK = 256  # raw samples per chunk read from a unit (part of the data order: the buffer fills by chunks)
+
+
+@dataclass
+class Batch:
+    pixels: torch.Tensor  # uint8 (B, S, S, C)
+    labels: list[int | None]
+    keys: list[str]
+    consumed: int  # raw samples taken from the shuffled stream so far (the resume position)
+
+
+class ImageStream:
+    def __init__(
+        self,
+        units: Sequence[Unit],
+        preprocess: Preprocess,
+        *,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle: bool = True,
+        shuffle_buffer: int = 10_000,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        failures: FailureLog | None = None,
+    ):
+        self.preprocess, self.max_pixels = preprocess, max_pixels
+        self.failures = failures if failures is not None else FailureLog()
+        self.raw = ShardedStream(units, self._read, seed=seed, rank=rank, world_size=world_size, shuffle=shuffle,
+                                 shuffle_buffer=shuffle_buffer, what=("unit", "sample"))
+
+    def _read(self, unit: Unit) -> Iterator[Columns]:
+        samples = iter_unit(unit, self.failures.add)  # bad members are logged and skipped
+        while chunk := list(islice(samples, READ_CHUNK)):
+            yield (object_column(chunk),)
+
+    def batches(self, batch_size: int, *, skip: int = 0, epochs: int | None = None,
+                drop_last: bool = True) -> Iterator[Batch]:
+        """Decoded batches. `skip` raw samples are passed over without decoding (resume). Fails when
+        a whole epoch read after the resume point decodes nothing."""
+        pixels: list[np.ndarray] = []
+        labels: list[int | None] = []
+        keys: list[str] = []
+        epoch_now, decoded, whole = None, 0, skip == 0  # whole: epoch_now was read from its start
+        end = skip
+        for chunk in self.raw.chunks(skip, epochs):
+            if chunk.epoch != epoch_now:
+                if whole and epoch_now is not None and decoded == 0:
+                    raise DataError(f"none of the {self.failures.count} samples read in a whole pass over "
+                                    f"the data could be decoded; first: {self.failures.examples[:1]}")
+                whole = whole or epoch_now is not None  # every epoch after the first one seen
+                epoch_now, decoded = chunk.epoch, 0
+            start, end = chunk.end - len(chunk), chunk.end
+            for i, raw in enumerate(chunk.columns[0]):
+                try:
+                    pixels.append(self.preprocess.decode(raw.data, self.max_pixels))
+                except DecodeError as e:
+                    self.failures.add(Failure(raw.key, raw.unit, str(e)))
+                    continue
+                decoded += 1
+                labels.append(raw.label)
+                keys.append(raw.key)
+                if len(pixels) == batch_size:
+                    yield Batch(torch.from_numpy(np.stack(pixels)), labels, keys, start + i + 1)
+                    pixels, labels, keys = [], [], []
+        if pixels and not drop_last:
+            yield Batch(torch.from_numpy(np.stack(pixels)), labels, keys, end)
+
+
+# ---------------------------------------------------------------------------------------------
+# Token grids
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class TokenBatch:
+    tokens: torch.Tensor  # int64 (B, h, w)
+    labels: torch.Tensor  # int64 (B,), -1 where the row has no label
+    consumed: int  # rows this rank has taken from its stream so far (the resume position)
+    epoch: int
+
+
+class TokenStream:
+    """Token grids and labels of Parquet parts through one ShardedStream (pipeline/sharded_stream.py:
+    the epoch order, the shards over ranks, the shuffle buffer, resume); the parts' row counts come
+    from the manifest, so a resumed run passes over whole epochs without reading them."""
+
+    def __init__(self, parts: Sequence[Part], grid: tuple[int, int], *, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, shuffle: bool = True, shuffle_buffer: int = 20_000, read_rows: int = 2048):
+        self.grid, self.read_rows = grid, read_rows
+        self.stream = ShardedStream(parts, lambda part: iter_part_rows(part, self.read_rows), size=lambda part: part.rows,
+                                    seed=seed, rank=rank, world_size=world_size, shuffle=shuffle,
+                                    shuffle_buffer=shuffle_buffer, what=("part", "row"))
+
+    def epoch_rows(self, epoch: int) -> int:
+        """Rows this rank reads in epoch e, from the manifest's counts (nothing is read)."""
+        return self.stream.epoch_size(epoch)
+
+    def rows(self, skip: int = 0) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
+        """(epoch, tokens, labels) chunks forever, starting after `skip` rows of this rank's stream."""
+        for chunk in self.stream.chunks(skip):
+            yield chunk.epoch, *chunk.columns
+
+    def _batch(self, tokens: np.ndarray, labels: np.ndarray, consumed: int, epoch: int) -> TokenBatch:
+        h, w = self.grid
+        return TokenBatch(torch.from_numpy(tokens.astype(np.int64)).view(len(labels), h, w),
+                          torch.from_numpy(labels), consumed, epoch)
+
+    def one_pass(self, batch_size: int, max_rows: int | None = None) -> Iterator[TokenBatch]:
+        """Epoch 0 once (the first max_rows rows of it), in batches; the last one may be short.
+        For evaluation: unshuffled, every rank its own disjoint share."""
+        want = self.epoch_rows(0) if max_rows is None else min(max_rows, self.epoch_rows(0))
+        done = 0
+        for chunk in self.stream.chunks(epochs=1):
+            tokens, labels = chunk.columns
+            for i in range(0, len(labels), batch_size):
+                take = min(batch_size, len(labels) - i, want - done)
+                if take <= 0:
+                    return
+                done += take
+                yield self._batch(tokens[i:i + take], labels[i:i + take], done, 0)
+
+    def batches(self, batch_size: int, *, skip: int = 0) -> Iterator[TokenBatch]:
+        """Batches of batch_size rows forever (epochs run into each other)."""
+        pend_t: list[np.ndarray] = []
+        pend_l: list[np.ndarray] = []
+        have, consumed = 0, skip
+        for chunk in self.stream.chunks(skip):
+            tokens, labels = chunk.columns
+            pend_t.append(tokens)
+            pend_l.append(labels)
+            have += len(labels)
+            if have < batch_size:
+                continue
+            t, lab = np.concatenate(pend_t), np.concatenate(pend_l)
+            nb = len(lab) // batch_size
+            for i in range(nb):
+                s = slice(i * batch_size, (i + 1) * batch_size)
+                consumed += batch_size
+                yield self._batch(t[s], lab[s], consumed, chunk.epoch)
+            pend_t, pend_l = [t[nb * batch_size:]], [lab[nb * batch_size:]]
+            have = len(pend_l[0])

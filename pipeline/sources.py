@@ -9,7 +9,7 @@ Units are listed and sorted on the driver; everything downstream is a function o
         pixels = preprocess.decode(sample.data, max_pixels)  # (S, S, C) uint8, or DecodeError
 
 Raw samples carry encoded image bytes (tar members, image files) or already-decoded uint8 pixels
-(IDX); Preprocess.decode (models/preprocess.py) makes either into model pixels, and refuses what is
+(IDX); Preprocess.decode (models/tokenizer.py) makes either into model pixels, and refuses what is
 not a safe, whole image with a DecodeError; callers skip and record those (a Failure each).
 """
 from __future__ import annotations

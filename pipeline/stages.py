@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..models.preprocess import DecodeError, Preprocess
+from ..models.tokenizer import DecodeError, Preprocess
 from .sources import Failure, Unit, iter_unit
 from .token_format import tokens_array
 

@@ -1,14 +1,18 @@
-"""Reading a token dataset (the format: pipeline/token_format.py). Only committed parts are read.
+"""Reading token datasets (the format: pipeline/token_format.py). Only committed parts are read.
 
     ds = TokenDataset("out/tokens")
     ds.num_rows, ds.grid, ds.codebook_size
     tokens, labels = ds.to_numpy()                 # (N, h, w) uint16/int32, (N,) int32 (-1 = none)
     for batch in ds.iter_batches(4096): ...        # streaming pyarrow RecordBatches
+
+    corpus = TokenCorpus(["out/tokens", "more"])   # one or more datasets of one tokenizer (every part's
+    stats = corpus.stats()                         # schema metadata checked); unigram counts, labels
 """
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import fsspec
 import numpy as np
@@ -16,8 +20,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import DataError
-from .token_format import (ERRORS_DIR, FORMAT, MANIFEST, SCHEMA_VERSION, Part, flat_tokens, read_committed, sha256,
-                           token_schema, token_type)
+from .token_format import (ERRORS_DIR, FORMAT, MANIFEST, METADATA_KEY, SCHEMA_VERSION, Part, flat_tokens,
+                           read_committed, sha256, token_schema, token_type)
 
 
 def iter_part_rows(part: Part, batch_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -32,7 +36,7 @@ def iter_part_rows(part: Part, batch_rows: int) -> Iterator[tuple[np.ndarray, np
 
 class _DescribedByMetadata:
     """What the schema metadata (`self.metadata`) says about tokens: shared by TokenDataset and
-    TokenCorpus (pipeline/token_stream.py)."""
+    TokenCorpus (below)."""
 
     metadata: dict
 
@@ -193,3 +197,107 @@ class TokenDataset(_DescribedByMetadata):
             if sha256(data) != p.sha256:
                 problems.append(f"{p.name}: sha256 differs from the manifest")
         return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Several token datasets of one tokenizer, as one corpus
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class CorpusStats:
+    rows: int
+    tokens: int
+    counts: np.ndarray  # (K,) occurrences of each code
+    labeled_rows: int
+    max_label: int  # -1 when no row has a label
+    sampled: bool  # True when only the first max_rows rows were counted
+
+    @property
+    def unigram_entropy_bits(self) -> float:
+        """Entropy (bits per token) of the codes' empirical distribution: what a model that ignores
+        context would score; a prior's bits per token should be well below it."""
+        p = self.counts[self.counts > 0] / max(self.counts.sum(), 1)
+        return float(-(p * np.log2(p)).sum())
+
+    @property
+    def codes_used(self) -> int:
+        return int((self.counts > 0).sum())
+
+
+class TokenCorpus(_DescribedByMetadata):
+    """One or more token datasets of the same tokenizer, as one list of parts."""
+
+    def __init__(self, paths: Sequence[str], *, what: str = "--tokens", check_parts: bool = True):
+        paths = [str(p) for p in paths]
+        if not paths:
+            raise DataError(f"{what}: no token dataset given (the --out of `vqtok tokenize`)")
+        self.datasets = [TokenDataset(p) for p in paths]
+        first = self.datasets[0]
+        for ds in self.datasets[1:]:
+            if ds.tokenizer_id != first.tokenizer_id or ds.grid != first.grid or ds.codebook_size != first.codebook_size:
+                raise DataError(
+                    f"{what}: {ds.path} was made by tokenizer {ds.tokenizer_id[:16]} (grid {ds.grid}, K={ds.codebook_size}) "
+                    f"but {first.path} by tokenizer {first.tokenizer_id[:16]} (grid {first.grid}, K={first.codebook_size}). "
+                    f"A prior models one tokenizer's codes: re-tokenize everything with one tokenizer, or train one "
+                    f"prior per tokenizer"
+                )
+        self.parts: list[Part] = [part for ds in self.datasets for part in ds.parts]
+        owners = [ds for ds in self.datasets for _ in ds.parts]
+        if check_parts:  # footers only; in parallel, since on an object store each is a request
+            from concurrent.futures import ThreadPoolExecutor
+
+            with ThreadPoolExecutor(16) as pool:
+                list(pool.map(lambda a: self._check_part(a[0], a[1].url, what), zip(owners, self.parts)))
+        if not self.parts:
+            raise DataError(f"{what}: {', '.join(paths)} holds no committed parts yet (is `vqtok tokenize` still running?)")
+        self.metadata = first.metadata
+
+    @staticmethod
+    def _check_part(ds: TokenDataset, url: str, what: str) -> None:
+        """Each part carries its tokenizer in its own schema metadata: a part copied in from
+        another dataset is caught here, not after hours of training on mixed vocabularies."""
+        import json
+
+        with fsspec.open(url, "rb") as f:
+            raw = (pq.read_schema(f).metadata or {}).get(METADATA_KEY)
+        meta = json.loads(raw) if raw else {}
+        if meta.get("tokenizer_id") != ds.tokenizer_id or list(meta.get("grid", [])) != list(ds.grid):
+            raise DataError(
+                f"{what}: part {url} was made by tokenizer {str(meta.get('tokenizer_id'))[:16]} (grid {meta.get('grid')}), "
+                f"but its dataset {ds.path} by tokenizer {ds.tokenizer_id[:16]} (grid {list(ds.grid)}): the dataset "
+                f"mixes tokenizers. Remove that part (and its manifest entry) or re-tokenize into a new --out"
+            )
+
+    @property
+    def num_rows(self) -> int:
+        return sum(p.rows for p in self.parts)
+
+    @property
+    def paths(self) -> list[str]:
+        return [ds.path for ds in self.datasets]
+
+    def stats(self, max_rows: int | None = None) -> CorpusStats:
+        """Stream the tokens and labels once (or the first max_rows rows, in part order)."""
+        k = self.codebook_size
+        counts = np.zeros(k, np.int64)
+        rows = labeled = 0
+        max_label = -1
+        for part in self.parts:
+            for tokens, labels in iter_part_rows(part, 8192):
+                if max_rows is not None and rows + len(labels) > max_rows:
+                    tokens, labels = tokens[: max_rows - rows], labels[: max_rows - rows]
+                counts += np.bincount(tokens.reshape(-1), minlength=k)[:k]
+                rows += len(labels)
+                has = labels >= 0
+                labeled += int(has.sum())
+                if has.any():
+                    max_label = max(max_label, int(labels[has].max()))
+                if max_rows is not None and rows >= max_rows:
+                    break
+            if max_rows is not None and rows >= max_rows:
+                break
+        n = self.grid[0] * self.grid[1]
+        return CorpusStats(rows, rows * n, counts, labeled, max_label, sampled=rows < self.num_rows)
+
+    def describe(self) -> str:
+        return (f"{self.num_rows:,} token grids in {len(self.parts)} parts of {', '.join(self.paths)} "
+                f"(grid {self.grid[0]}x{self.grid[1]}, K={self.codebook_size}, tokenizer {self.tokenizer_id[:16]})")

@@ -12,8 +12,7 @@ from PIL import Image, ImageDraw
 
 from vqtok import Tokenizer, VQVAEConfig
 from vqtok.models import VQVAE
-from vqtok.models.preprocess import LEGACY_POLICY, POLICY, Preprocess
-from vqtok.models.preprocess import DecodeError
+from vqtok.models.tokenizer import LEGACY_POLICY, POLICY, DecodeError, Preprocess
 
 W, H = 3000, 2000  # a 6 Mpx camera-sized original
 

@@ -7,9 +7,9 @@ import pytest
 
 from conftest import SAMPLE_DIR, SAMPLE_IMAGES, png_bomb_header, png_bytes, write_tar
 from vqtok import DataError, Preprocess, convert
-from vqtok.models.preprocess import DecodeError
+from vqtok.models.tokenizer import DecodeError
 from vqtok.pipeline.sources import FailureLog, iter_unit, list_units, split_patterns
-from vqtok.pipeline.image_stream import ImageStream
+from vqtok.pipeline.sharded_stream import ImageStream
 
 PRE = Preprocess(image_size=28, channels=1)
 
@@ -255,7 +255,7 @@ def test_max_image_pixels_above_pils_own_limit_lets_genuine_large_images_through
 
     from PIL import Image
 
-    from vqtok.models.preprocess import open_image
+    from vqtok.models.tokenizer import open_image
 
     size = (18_000, 10_000)  # 180 Mpx, a real PNG: mode "1" compresses to ~22 kB, decodes in ~0.3 s
     assert size[0] * size[1] > 2 * Image.MAX_IMAGE_PIXELS

@@ -18,7 +18,8 @@ from vqtok import DataError, Prior, TokenDataset, Tokenizer, train_prior
 from vqtok.pipeline.sources import Unit
 from vqtok.pipeline.token_format import dataset_metadata, part_table
 from vqtok.pipeline.token_writer import TokenWriter
-from vqtok.pipeline.token_stream import TokenCorpus, TokenStream
+from vqtok.pipeline.sharded_stream import TokenStream
+from vqtok.pipeline.token_dataset import TokenCorpus
 
 ROWS_PER_PART = 150
 TINY_PRIOR = ["--n-layer", "2", "--n-head", "2", "--n-embd", "32"]
