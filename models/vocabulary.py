@@ -36,6 +36,13 @@ Sequences, one image each (h*w image ids in raster order: row by row, left to ri
 - Text-first sequences need no end-of-text: `<boi>` ends the caption. Image-first sequences end
   the caption with `<eot>`, so a model that captions knows when to stop.
 - "both" (ORDERS) is an export option: each image written in both orders, one sequence each.
+- `parse` tells the orders apart by what follows <bos>: <boi> starts an image-first sequence, unless
+  nothing follows the image (`<bos> <boi> image <eoi>`: the unconditional sequence, read as
+  text-first; an image-first one with an empty caption has its <eot>). Generated sequences are read
+  leniently where the meaning is clear (a whole image without <eoi>: noted) and refused where it is
+  not (an image span of the wrong length: `errors` says how many of h*w tokens it has).
+- Truncation counts ids, so a byte-level caption can be cut inside a character; it then decodes
+  with U+FFFD at the end. Cut captions are counted by the export.
 
 Where this comes from, and why:
 
@@ -230,8 +237,10 @@ class Vocabulary:
             return Parsed("text-first", text, None,
                           (f"no <boi>: the sequence has no image ({len(ids)} ids after <bos>)", *bad), tuple(notes))
         start = ids.index(self.boi)
-        if start == 0:  # image-first: <boi> image <eoi> caption <eot>
+        if start == 0:  # image-first (<boi> image <eoi> caption <eot>), or text-first with the empty caption
             tokens, rest, image_errors = self._image(ids[1:], notes)
+            if not rest:  # nothing after the image: the unconditional text-first sequence
+                return Parsed("text-first", [], tokens, tuple(image_errors), tuple(notes))
             end = rest.index(self.eot) if self.eot in rest else None
             if end is None:
                 notes.append("no <eot> after the caption (cut short?)")
