@@ -29,6 +29,9 @@ _EXPORTS = {
     "ConfigError": "models.config", "DataError": "pipeline.errors",
     "list_units": "pipeline.sources",
     "TokenDataset": "pipeline.token_dataset",
+    "train_text_tokenizer": "jobs.train_text_tokenizer", "TextTokenizerConfig": "jobs.train_text_tokenizer",
+    "decode_sequence": "jobs.decode_sequence",
+    "TextTokenizer": "models.text_tokenizer", "Vocabulary": "models.vocabulary",
 }
 
 
@@ -56,6 +59,10 @@ if TYPE_CHECKING:  # pragma: no cover
     from .pipeline.errors import DataError
     from .pipeline.sources import list_units
     from .pipeline.token_dataset import TokenDataset
+    from .jobs.train_text_tokenizer import TextTokenizerConfig, train_text_tokenizer
+    from .jobs.decode_sequence import decode_sequence
+    from .models.text_tokenizer import TextTokenizer
+    from .models.vocabulary import Vocabulary
 
 try:
     from importlib.metadata import version as _version
@@ -70,4 +77,5 @@ __all__ = [
     "train_prior", "PriorTrainConfig", "PriorResult", "Prior", "PriorConfig", "sample", "SampleConfig",
     "Pipeline", "PipelineConfig", "demo",
     "nearest_code", "convert", "list_units", "ConfigError", "DataError", "__version__",
+    "train_text_tokenizer", "TextTokenizerConfig", "decode_sequence", "TextTokenizer", "Vocabulary",
 ]
