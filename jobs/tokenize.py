@@ -23,10 +23,11 @@ import numpy as np
 from ..models.bundle import read_bundle, vqtok_version
 from ..models.config import Config, ConfigError, option
 from ..models.tokenizer import DEFAULT_MAX_PIXELS, Tokenizer
+from ..pipeline.captions import MAX_CAPTION_BYTES, TextFields
 from ..pipeline.errors import DataError
 from ..pipeline.lease import DEFAULT_TTL
 from ..pipeline.sources import FOLDER_UNIT_SIZE, Failure, list_units, split_patterns
-from ..pipeline.token_format import ERRORS_DIR, dataset_metadata, part_table
+from ..pipeline.token_format import ERRORS_DIR, dataset_metadata, describe_captions, part_table
 from ..pipeline.token_writer import CHANGED, REMOVED, OutputRefused, Plan, TokenWriter, list_some
 from ..pipeline.stages import BatchEncoder, UnitCollector, read_units, unit_items
 from ._ray import check_address, check_resources, init_ray
@@ -49,6 +50,13 @@ class TokenizeConfig(Config):
                                        "else an embedded local Ray)")
     max_failure_fraction: float = option(0.1, "fail when more of the input images than this are bad")
     max_image_pixels: int = option(DEFAULT_MAX_PIXELS, "refuse larger images as decompression bombs")
+    caption_column: str | None = option(None, "Parquet inputs: the column holding captions (default: the first of "
+                                              "caption, text, txt, in any case)")
+    keep_columns: list[str] = option(help="source metadata to keep in the `meta` column (a JSON object): Parquet "
+                                          "columns or fields of KEY.json / NAME.json; '*' keeps all (repeat or "
+                                          "comma-separate)", factory=list)
+    max_caption_bytes: int = option(MAX_CAPTION_BYTES, "captions longer than this (UTF-8 bytes) are cut there "
+                                                       "(counted, recorded in _errors/)")
     folder_unit_size: int = option(FOLDER_UNIT_SIZE, "image folders: files per unit on average (units are cut where "
                                                      "a file's path hashes to 0 mod this, so adding files moves none)")
     changed_inputs: str = option("redo", "committed inputs that changed since (size, mtime/ETag, a folder unit's "
@@ -85,6 +93,13 @@ class TokenizeConfig(Config):
             raise ConfigError(f"--lease-seconds {self.lease_seconds}: must be at least 2 (heartbeats come every quarter)")
         if self.max_image_pixels < 1:
             raise ConfigError(f"--max-image-pixels {self.max_image_pixels}: must be positive")
+        self.keep_columns = [c.strip() for item in self.keep_columns for c in str(item).split(",") if c.strip()]
+        if self.max_caption_bytes < 1:
+            raise ConfigError(f"--max-caption-bytes {self.max_caption_bytes}: must be positive")
+
+    @property
+    def text(self) -> TextFields:
+        return TextFields(self.caption_column or None, tuple(self.keep_columns), self.max_caption_bytes)
 
 
 @dataclass
@@ -97,6 +112,7 @@ class TokenizeResult:
     units_total: int
     units_run: int  # tokenized by this run
     units_skipped: int  # already committed before this run
+    captions: dict  # rows by caption over the whole dataset (TokenDataset.caption_counts)
     plan: Plan  # inputs new, changed, removed (kept or dropped) since the dataset's last run
     images_run: int  # rows written by this run
     seconds: float
@@ -121,7 +137,7 @@ def run(cfg: TokenizeConfig) -> TokenizeResult:
     except (FileNotFoundError, ValueError) as e:
         raise ConfigError(f"--tokenizer {cfg.tokenizer}: {e}") from None
     meta = dataset_metadata(codebook_size=tok.config.codebook_size, tokenizer_id=tok.id, grid=tok.grid,
-                            preprocess=tok.preprocess.to_dict(), vqtok_version=vqtok_version())
+                            preprocess=tok.preprocess.to_dict(), vqtok_version=vqtok_version(), text=cfg.text.to_dict())
     units = list_units(cfg.data, folder_unit_size=cfg.folder_unit_size)
     location = cfg.tokenizer if "://" in cfg.tokenizer else os.path.abspath(cfg.tokenizer)
     try:
@@ -144,6 +160,7 @@ def run(cfg: TokenizeConfig) -> TokenizeResult:
         result = TokenizeResult(
             out=cfg.out, rows=output.rows, parts=len(c), bytes=sum(x["bytes"] for x in c),
             failures=output.failures, units_total=len(units), units_run=len(pending), units_skipped=skipped,
+            captions=output.caption_counts(),
             plan=output.plan, images_run=images_run, seconds=seconds, images_per_s=images_run / max(seconds, 1e-9),
             stream_seconds=stream_seconds, failure_examples=examples,
         )
@@ -156,6 +173,8 @@ def run(cfg: TokenizeConfig) -> TokenizeResult:
 _FIX_BY_FLAG = {
     "unwritable": "choose a writable --out (directory or bucket prefix)",
     "other_tokenizer": "write to a new --out, or delete it to start over",
+    "other_text": "give the same --caption-column, --keep-columns and --max-caption-bytes as before, or write to a "
+                  "new --out",
     "foreign_files": "give an empty or new --out directory for the token dataset",
     "changed": "re-run with --changed-inputs redo to re-tokenize them (each part is replaced atomically), or restore "
                "the inputs",
@@ -181,7 +200,7 @@ def _stream(cfg, bundle, tok, meta, output: TokenWriter, pending, say) -> tuple[
     # Data from fusing the two stages into one actor, so decoding overlaps encoding
     ds = ds.map_batches(read_units, batch_size=1, batch_format="pyarrow", num_cpus=1,
                         fn_kwargs=dict(preprocess=tok.preprocess, batch_size=cfg.batch_size,
-                                       max_pixels=cfg.max_image_pixels))
+                                       max_pixels=cfg.max_image_pixels, text=cfg.text))
     ds = ds.map_batches(BatchEncoder, batch_size=None, batch_format="pyarrow",
                         compute=ray.data.ActorPoolStrategy(size=cfg.workers),
                         num_cpus=cpus, num_gpus=cfg.gpus_per_worker or None,
@@ -196,9 +215,10 @@ def _stream(cfg, bundle, tok, meta, output: TokenWriter, pending, say) -> tuple[
         for finished in collector.add(batch):  # for each finished unit: commit
             unit = unit_of[finished.part_index]
             rows = finished.rows  # the encoders' columns go into the part as they are: no trip through Python
-            table = part_table(meta, rows.column("key").combine_chunks(), rows.column("tokens").combine_chunks(),
-                               rows.column("label").combine_chunks(), unit.url)
-            output.commit(unit, finished.part_index, table, finished.failures)
+            column = lambda name: rows.column(name).combine_chunks()  # noqa: E731
+            table = part_table(meta, column("key"), column("tokens"), column("label"), unit.url,
+                               captions=column("caption"), metas=column("meta"))
+            output.commit(unit, finished.part_index, table, finished.failures, finished.caption_notes(unit.url))
             done_units += 1
             images += table.num_rows
             for f in finished.failures[: max(0, 5 - len(examples))]:
@@ -261,6 +281,8 @@ def _plan_note(p: Plan) -> str:
     notes = [f"{len(p.changed)} changed since committed (re-tokenized: {list_some(p.changed)})"] if p.changed else []
     notes += [f"{len(p.kept)} no longer among the inputs, rows kept: {list_some(p.kept)}"] if p.kept else []
     notes += [f"{len(p.dropped)} no longer among the inputs, rows dropped: {list_some(p.dropped)}"] if p.dropped else []
+    notes += [f"{len(p.uncaptioned)} written by a vqtok before captions: their rows stay and read with null captions "
+              f"(to caption them, tokenize into a new --out)"] if p.uncaptioned else []
     return "; units " + "; ".join(notes) if notes else ""
 
 
@@ -276,6 +298,8 @@ def _summary(r: TokenizeResult) -> str:
         + (f" ({r.units_skipped} units were already there)" if r.units_skipped else ""),
         *([f"  inputs since the last run:{_plan_note(r.plan).removeprefix(';')}"] if _plan_note(r.plan) else []),
         f"  skipped inputs: {r.failures}" + (f" (one record each in {r.out}/{ERRORS_DIR}/)" if r.failures else ""),
+        f"  {describe_captions(r.captions)}" + (f" (repaired and unusable ones are recorded in {r.out}/{ERRORS_DIR}/)"
+                                               if r.captions["repaired"] or r.captions["unusable"] else ""),
         f"  read it with vqtok.TokenDataset({r.out!r}) or `vqtok inspect {r.out}`",
     ]
     return "\n".join(lines)

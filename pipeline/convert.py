@@ -1,4 +1,5 @@
-"""`vqtok convert SRC OUT`: any supported source -> WebDataset shards (KEY.png + KEY.cls).
+"""`vqtok convert SRC OUT`: any supported source -> WebDataset shards (KEY.png + KEY.cls, and the
+source's caption as KEY.txt and its metadata as KEY.json where it has them, byte for byte).
 
 Shards are written with webdataset's TarWriter over fsspec file objects, each to a temporary name
 renamed into place when complete, so an interrupted convert leaves no half shard.
@@ -6,6 +7,7 @@ renamed into place when complete, so an interrupted convert leaves no half shard
 from __future__ import annotations
 
 import io
+import json
 import re
 import time
 from collections.abc import Sequence
@@ -82,6 +84,10 @@ def convert(src: str | Sequence[str], out: str, *, shard_size: int = 10_000, pre
             sample = {"__key__": key, ext: data}
             if raw.label is not None:
                 sample["cls"] = str(raw.label).encode()
+            if raw.caption is not None:  # the source's bytes as they are (tokenize cleans them: captions.py)
+                sample["txt"] = _as_bytes(raw.caption)
+            if raw.meta is not None:
+                sample["json"] = _as_bytes(raw.meta)
             writer.write(sample)
             n_in_shard += 1
             images += 1
@@ -96,6 +102,13 @@ def convert(src: str | Sequence[str], out: str, *, shard_size: int = 10_000, pre
         print(f"vqtok convert: wrote {images} images in {len(shards)} shards to {out} "
               f"({failures.count} skipped) in {result.seconds:.1f}s", flush=True)
     return result
+
+
+def _as_bytes(value) -> bytes:
+    """A raw caption or metadata: bytes (members, sidecars) as they are; Parquet values as text/JSON."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    return (value if isinstance(value, str) else json.dumps(value, ensure_ascii=False, default=str)).encode()
 
 
 def _png(pixels: np.ndarray) -> bytes:

@@ -30,9 +30,11 @@ import numpy as np
 from braceexpand import braceexpand
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from .captions import CAPTION_MEMBERS, META_MEMBER, PARQUET_CAPTION_COLUMNS, TextFields
 from .errors import DataError
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff")
+SIDECAR_EXTS = ("txt", "json")  # image folders: NAME.txt (caption) and NAME.json (metadata) beside NAME.jpg
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 # Parquet inputs: the first column found by these names (image: binary, or a struct with a
@@ -52,6 +54,10 @@ class Unit:
     files: tuple[str, ...] = ()  # "files": the image files of this folder unit
     labels: tuple[int | None, ...] = ()  # "files": the label of each file (from its parent folder)
     labels_url: str | None = None  # "idx": the matching labels file, when there is one
+    # "files": each file's caption sidecar (NAME.txt beside NAME.jpg) and metadata sidecar
+    # (NAME.json), "" where there is none; empty tuples when the folder unit has no sidecars at all
+    captions: tuple[str, ...] = ()
+    metas: tuple[str, ...] = ()
     signature: str = ""  # what the unit held when listed (sizes, ETags or mtimes, files, labels), hashed
 
 
@@ -61,6 +67,8 @@ class RawSample:
     data: bytes | np.ndarray  # encoded image bytes, or uint8 pixels (H, W[, C])
     label: int | None
     unit: str
+    caption: object = None  # raw: bytes (a member, a sidecar), a Parquet value, None (none); see captions.py
+    meta: bytes | dict | None = None  # raw: a KEY.json member's or sidecar's bytes, or Parquet values by column
 
 
 @dataclass
@@ -177,17 +185,25 @@ def _classify(files: dict[str, dict], folder_unit_size: int, base: str | None) -
                               signature=_signature(_stamp(files[f]), label_info and _stamp(label_info))))
     images = [f for f in urls if _ext(f) in IMAGE_EXTS]
     if images and len(units) == 0:
-        units += _folder_units(images, [_stamp(files[f]) for f in images], folder_unit_size, base)
+        units += _folder_units(images, [_stamp(files[f]) for f in images], folder_unit_size, base,
+                               sidecars={f: _stamp(info) for f, info in files.items() if _ext(f) in SIDECAR_EXTS})
     return units
 
 
-def _folder_units(images: list[str], stamps: list[str], size: int, base: str | None) -> list[Unit]:
+def _folder_units(images: list[str], stamps: list[str], size: int, base: str | None,
+                  sidecars: dict[str, str] | None = None) -> list[Unit]:
     """An image folder's files (sorted) cut into units at content-defined boundaries: a file starts
     a new unit when the hash of its path relative to the folder is 0 mod `size` (so units hold
     `size` files on average). Adding or removing a file changes only the unit it falls into (or
     splits/merges one unit, if the file is itself a boundary): the other units keep their files,
     names and committed parts. A unit is named after the file that starts it (`FOLDER#first/file.jpg`;
-    the first unit, before any boundary, is `FOLDER#`)."""
+    the first unit, before any boundary, is `FOLDER#`).
+
+    sidecars: {url: stamp} of the folder's .txt and .json files; NAME.txt beside NAME.jpg is its
+    caption, NAME.json its metadata. They are part of the unit's input (their stamps go into its
+    signature, so an edited caption redoes the unit); a unit without any keeps the signature it had
+    before vqtok read sidecars, so datasets tokenized then are not redone."""
+    sidecars = sidecars or {}
     parents = [posixpath.basename(posixpath.dirname(f)) for f in images]
     labels: list[int | None]
     if base is not None and all(posixpath.dirname(f) != base.rstrip("/") for f in images):
@@ -202,11 +218,21 @@ def _folder_units(images: list[str], stamps: list[str], size: int, base: str | N
     root = base.rstrip("/") if base else posixpath.dirname(images[0])
     rel = [f[len(root) + 1:] if f.startswith(root + "/") else posixpath.basename(f) for f in images]
     starts = [0] + [i for i in range(1, len(images)) if _boundary(rel[i], size)]
+    stem = lambda f: f.rsplit(".", 1)[0]  # noqa: E731
+    captions = [f"{stem(f)}.txt" if f"{stem(f)}.txt" in sidecars else "" for f in images]
+    metas = [f"{stem(f)}.json" if f"{stem(f)}.json" in sidecars else "" for f in images]
     units = []
     for a, b in zip(starts, starts[1:] + [len(images)]):
         name = rel[a] if a else ""
+        cap, met = captions[a:b], metas[a:b]
+        if any(cap) or any(met):
+            side = [[sidecars[c] if c else None, sidecars[m] if m else None] for c, m in zip(cap, met)]
+            signature = _signature(rel[a:b], stamps[a:b], labels[a:b], side)
+            cap, met = tuple(cap), tuple(met)
+        else:
+            signature, cap, met = _signature(rel[a:b], stamps[a:b], labels[a:b]), (), ()
         units.append(Unit(url=f"{root}#{name}", kind="files", files=tuple(images[a:b]), labels=tuple(labels[a:b]),
-                          signature=_signature(rel[a:b], stamps[a:b], labels[a:b])))
+                          captions=cap, metas=met, signature=signature))
     return units
 
 
@@ -230,9 +256,12 @@ def _info(url: str) -> dict | None:
 # ----------------------------------------------------------------------------------------------
 # Units -> raw samples
 # ----------------------------------------------------------------------------------------------
-def iter_unit(unit: Unit, on_failure: Callable[[Failure], None]) -> Iterator[RawSample]:
-    """Raw samples of one unit, in stored order. Bad members are reported through on_failure and
-    skipped; a unit that cannot be read past some point (a truncated tar) is reported and ended."""
+def iter_unit(unit: Unit, on_failure: Callable[[Failure], None], text: TextFields | None = None) -> Iterator[RawSample]:
+    """Raw samples of one unit, in stored order, with their raw captions and metadata
+    (pipeline/captions.py; `text` says which Parquet columns). Bad members are reported through
+    on_failure and skipped; a unit that cannot be read past some point (a truncated tar) is
+    reported and ended."""
+    text = text or TextFields()
     if unit.kind == "tar":
         yield from _iter_tar(unit, on_failure)
     elif unit.kind == "idx":
@@ -240,7 +269,7 @@ def iter_unit(unit: Unit, on_failure: Callable[[Failure], None]) -> Iterator[Raw
     elif unit.kind == "files":
         yield from _iter_files(unit, on_failure)
     elif unit.kind == "parquet":
-        yield from _iter_parquet(unit, on_failure)
+        yield from _iter_parquet(unit, on_failure, text)
     else:
         raise DataError(f"unknown unit kind {unit.kind!r} for {unit.url}")
 
@@ -285,7 +314,9 @@ def _iter_tar(unit: Unit, on_failure) -> Iterator[RawSample]:
                     except (ValueError, UnicodeDecodeError):
                         on_failure(Failure(key, unit.url, f"bad .cls label {sample['cls'][:20]!r}: expected an integer"))
                         continue
-                yield RawSample(key=key, data=sample[image_ext], label=label, unit=unit.url)
+                caption = next((sample[e] for e in CAPTION_MEMBERS if e in sample), None)
+                yield RawSample(key=key, data=sample[image_ext], label=label, unit=unit.url, caption=caption,
+                                meta=sample.get(META_MEMBER))
             if not reader.complete():
                 raise tarfile.ReadError(f"no end-of-archive marker after {reader.total} bytes: the shard is cut short")
     except (tarfile.TarError, EOFError, OSError, zlib.error, ValueError) as e:
@@ -294,9 +325,11 @@ def _iter_tar(unit: Unit, on_failure) -> Iterator[RawSample]:
                            unit_damaged=True))
 
 
-def _parquet_columns(schema) -> tuple[str | None, str | None, str | None]:
+def _parquet_columns(schema, text: TextFields | None = None) -> tuple[str | None, str | None, str | None, str | None, list[str]]:
+    """(image, key, label, caption, kept metadata columns) of a Parquet schema; None where absent."""
     import pyarrow as pa
 
+    text = text or TextFields()
     names = {n.lower(): n for n in schema.names}
 
     def first(candidates, ok):
@@ -304,11 +337,20 @@ def _parquet_columns(schema) -> tuple[str | None, str | None, str | None]:
 
     is_image = lambda t: (pa.types.is_binary(t) or pa.types.is_large_binary(t)  # noqa: E731
                           or (pa.types.is_struct(t) and t.get_field_index("bytes") >= 0))
-    return (first(PARQUET_IMAGE_COLUMNS, is_image), first(PARQUET_KEY_COLUMNS, lambda t: True),
-            first(PARQUET_LABEL_COLUMNS, pa.types.is_integer))
+    image = first(PARQUET_IMAGE_COLUMNS, is_image)
+    if text.caption_column:  # named: exactly that column (a file without it has no captions)
+        caption = text.caption_column if text.caption_column in schema.names else None
+    else:
+        caption = first(PARQUET_CAPTION_COLUMNS, lambda t: True)
+    if text.keep_all:
+        kept = [n for n in schema.names if n != image]
+    else:
+        kept = [n for n in text.keep_columns if n in schema.names]
+    return (image, first(PARQUET_KEY_COLUMNS, lambda t: True), first(PARQUET_LABEL_COLUMNS, pa.types.is_integer),
+            caption, kept)
 
 
-def _iter_parquet(unit: Unit, on_failure) -> Iterator[RawSample]:
+def _iter_parquet(unit: Unit, on_failure, text: TextFields) -> Iterator[RawSample]:
     import pyarrow.parquet as pq
 
     stem = posixpath.basename(unit.url).rsplit(".", 1)[0]
@@ -316,13 +358,13 @@ def _iter_parquet(unit: Unit, on_failure) -> Iterator[RawSample]:
     try:
         with fsspec.open(unit.url, "rb") as f:
             pf = pq.ParquetFile(f)
-            image, key, label = _parquet_columns(pf.schema_arrow)
+            image, key, label, caption, kept = _parquet_columns(pf.schema_arrow, text)
             if image is None:
                 on_failure(Failure("<file>", unit.url, f"no image column: expected a binary column named one of "
                                    f"{', '.join(PARQUET_IMAGE_COLUMNS)} (found {', '.join(pf.schema_arrow.names)})",
                                    unit_damaged=True))
                 return
-            columns = [c for c in (image, key, label) if c]
+            columns = list(dict.fromkeys(c for c in (image, key, label, caption, *kept) if c))
             for batch in pf.iter_batches(batch_size=256, columns=columns):
                 col = batch.column(image)
                 if hasattr(col.type, "get_field_index"):  # struct<bytes, path>
@@ -330,13 +372,16 @@ def _iter_parquet(unit: Unit, on_failure) -> Iterator[RawSample]:
                 datas = col.to_pylist()
                 keys = batch.column(key).to_pylist() if key else [None] * len(datas)
                 labels = batch.column(label).to_pylist() if label else [None] * len(datas)
-                for data, k, lab in zip(datas, keys, labels):
+                captions = batch.column(caption).to_pylist() if caption else [None] * len(datas)
+                metas = ([dict(zip(kept, values)) for values in zip(*(batch.column(c).to_pylist() for c in kept))]
+                         if kept else [None] * len(datas))
+                for data, k, lab, cap, meta in zip(datas, keys, labels, captions, metas):
                     k = f"{stem}/{row:08d}" if k is None else str(k)
                     row += 1
                     if data is None:
                         on_failure(Failure(k, unit.url, "null image bytes"))
                         continue
-                    yield RawSample(key=k, data=data, label=lab, unit=unit.url)
+                    yield RawSample(key=k, data=data, label=lab, unit=unit.url, caption=cap, meta=meta)
     except Exception as e:  # a corrupt or truncated file: keep what was read, report the rest
         on_failure(Failure(f"<after {row} rows>", unit.url, f"unreadable Parquet file ({type(e).__name__}: {e})",
                            unit_damaged=True))
@@ -376,7 +421,9 @@ def _iter_idx(unit: Unit, on_failure) -> Iterator[RawSample]:
 
 def _iter_files(unit: Unit, on_failure) -> Iterator[RawSample]:
     root = unit.url.split("#", 1)[0]
-    for path, label in zip(unit.files, unit.labels):
+    captions = unit.captions or ("",) * len(unit.files)
+    metas = unit.metas or ("",) * len(unit.files)
+    for path, label, caption_url, meta_url in zip(unit.files, unit.labels, captions, metas):
         key = posixpath.splitext(path[len(root) + 1 :] if path.startswith(root + "/") else posixpath.basename(path))[0]
         try:
             with fsspec.open(path, "rb") as f:
@@ -384,4 +431,16 @@ def _iter_files(unit: Unit, on_failure) -> Iterator[RawSample]:
         except Exception as e:
             on_failure(Failure(key, unit.url, f"unreadable file {path} ({type(e).__name__}: {e})"))
             continue
-        yield RawSample(key=key, data=data, label=label, unit=unit.url)
+        yield RawSample(key=key, data=data, label=label, unit=unit.url, caption=_read_sidecar(caption_url),
+                        meta=_read_sidecar(meta_url))
+
+
+def _read_sidecar(url: str) -> bytes | None:
+    """A sidecar's bytes; None where there is none (or it went since listing: a missing caption)."""
+    if not url:
+        return None
+    try:
+        with fsspec.open(url, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        return None

@@ -35,6 +35,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from ..models.tokenizer import DecodeError, Preprocess
+from .captions import CaptionNote, TextFields, clean_caption, clean_meta
 from .sources import Failure, Unit, iter_unit
 from .token_format import tokens_array
 
@@ -44,6 +45,10 @@ from .token_format import tokens_array
 # ---------------------------------------------------------------------------------------------
 FAILURE_TYPE = pa.struct([("key", pa.string()), ("unit", pa.string()), ("reason", pa.string()),
                           ("unit_damaged", pa.bool_())])
+# the text beside each image (pipeline/captions.py): the caption and kept metadata, and what was
+# wrong with either (null when nothing was); the notes become _errors/ records at commit
+TEXT_COLUMNS = [pa.field("caption", pa.string()), pa.field("meta", pa.string()),
+                pa.field("caption_note", pa.string()), pa.field("meta_note", pa.string())]
 
 
 # --- what the read tasks are given: one row per unit ------------------------------------------
@@ -56,7 +61,7 @@ def units_of(items: pa.Table) -> Iterator[tuple[Unit, int]]:
     """The inverse of unit_items, in a read task."""
     for text, part_index in zip(items.column("unit").to_pylist(), items.column("part_index").to_pylist()):
         d = json.loads(text)
-        yield Unit(**{**d, "files": tuple(d["files"]), "labels": tuple(d["labels"])}), part_index
+        yield Unit(**{**d, **{k: tuple(d[k]) for k in ("files", "labels", "captions", "metas")}}), part_index
 
 
 @dataclass
@@ -64,6 +69,20 @@ class FinishedUnit:
     part_index: int
     rows: pa.Table  # the unit's image rows ordered by pos: key, label, tokens and the extra columns
     failures: list[Failure]
+
+    def caption_notes(self, unit: str) -> list[CaptionNote]:
+        """The repaired or unusable captions and metadata of the unit's rows (TEXT_COLUMNS), in order."""
+        if "caption_note" not in self.rows.column_names:
+            return []
+        notes = []
+        rows = zip(self.rows.column("key").to_pylist(), self.rows.column("caption").to_pylist(),
+                   self.rows.column("caption_note").to_pylist(), self.rows.column("meta_note").to_pylist())
+        for key, caption, caption_note, meta_note in rows:
+            if caption_note is not None:
+                notes.append(CaptionNote(key, unit, caption_note, kept=caption is not None))
+            if meta_note is not None:
+                notes.append(CaptionNote(key, unit, meta_note, kept=False, column="meta"))
+        return notes
 
 
 class UnitRows:
@@ -184,15 +203,19 @@ class UnitCollector:
 # ---------------------------------------------------------------------------------------------
 # The stages
 # ---------------------------------------------------------------------------------------------
-def read_units(items: pa.Table, *, preprocess: Preprocess, batch_size: int, max_pixels: int):
+def read_units(items: pa.Table, *, preprocess: Preprocess, batch_size: int, max_pixels: int,
+               text: TextFields | None = None):
     """Ray Data map_batches generator: unit items (unit_items) -> for each unit, tables
-    of up to batch_size decoded images (batch numbers 0, 1, ...), then its end row."""
-    codec = UnitRows(preprocess.shape)
+    of up to batch_size decoded images (batch numbers 0, 1, ...), then its end row. Each image row
+    carries its caption and kept metadata (TEXT_COLUMNS, pipeline/captions.py)."""
+    text = text or TextFields()
+    codec = UnitRows(preprocess.shape, extra=TEXT_COLUMNS)
     for unit, part_index in units_of(items):
         failures: list[Failure] = []
         keys, labels, pixels = [], [], []
+        extra: dict[str, list] = {f.name: [] for f in TEXT_COLUMNS}
         batch, pos = 0, 0
-        for raw in iter_unit(unit, failures.append):
+        for raw in iter_unit(unit, failures.append, text):
             try:
                 arr = preprocess.decode(raw.data, max_pixels)
             except DecodeError as e:
@@ -201,12 +224,17 @@ def read_units(items: pa.Table, *, preprocess: Preprocess, batch_size: int, max_
             keys.append(raw.key)
             labels.append(raw.label)
             pixels.append(arr.tobytes())
+            caption, caption_note, _ = clean_caption(raw.caption, text.max_caption_bytes)
+            meta, meta_note = clean_meta(raw.meta, text)
+            for name, value in zip(extra, (caption, meta, caption_note, meta_note)):
+                extra[name].append(value)
             if len(keys) == batch_size:
-                yield codec.image_rows(part_index, batch, pos, keys, labels, pixels)
+                yield codec.image_rows(part_index, batch, pos, keys, labels, pixels, extra)
                 batch, pos = batch + 1, pos + len(keys)
                 keys, labels, pixels = [], [], []
+                extra = {name: [] for name in extra}
         if keys:
-            yield codec.image_rows(part_index, batch, pos, keys, labels, pixels)
+            yield codec.image_rows(part_index, batch, pos, keys, labels, pixels, extra)
             pos += len(keys)
         yield codec.end_row(part_index, pos, failures)
 

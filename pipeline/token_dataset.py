@@ -4,6 +4,8 @@
     ds.num_rows, ds.grid, ds.codebook_size
     tokens, labels = ds.to_numpy()                 # (N, h, w) uint16/int32, (N,) int32 (-1 = none)
     for batch in ds.iter_batches(4096): ...        # streaming pyarrow RecordBatches
+    ds.to_table(["key", "caption"])                # captions (null where none; parts written before
+                                                   # captions, schema_version 1, read as all null)
 
     corpus = TokenCorpus(["out/tokens", "more"])   # one or more datasets of one tokenizer (every part's
     stats = corpus.stats()                         # schema metadata checked); unigram counts, labels
@@ -20,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import DataError
-from .token_format import (ERRORS_DIR, FORMAT, MANIFEST, METADATA_KEY, SCHEMA_VERSION, Part, flat_tokens,
+from .token_format import (ERRORS_DIR, caption_counts, describe_captions, FORMAT, MANIFEST, METADATA_KEY, SCHEMA_VERSION, TEXT_FIELDS, Part, flat_tokens,
                            read_committed, sha256, token_schema, token_type)
 
 
@@ -107,6 +109,10 @@ class TokenDataset(_DescribedByMetadata):
     def failures(self) -> int:
         return int(sum(c.get("failures", 0) for c in self.committed.values()))
 
+    def caption_counts(self) -> dict[str, int]:
+        """Rows by caption (token_format.caption_counts)."""
+        return caption_counts(self.committed)
+
     def files(self) -> list[str]:
         """Full paths (as the filesystem names them) of the committed parts, in order."""
         return [f"{self.root}/{p.name}" for p in self.parts]
@@ -122,15 +128,37 @@ class TokenDataset(_DescribedByMetadata):
                 f"K={self.codebook_size})")
 
     # --- reading ------------------------------------------------------------------------------
+
     def iter_batches(self, batch_size: int = 4096, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-        """Stream the rows in part order, one part open at a time."""
+        """Stream the rows in part order, one part open at a time (the dataset's schema: a part
+        written before captions gives null captions)."""
         for path in self.files():
             with self.fs.open(path, "rb") as f:
-                yield from pq.ParquetFile(f).iter_batches(batch_size=batch_size, columns=columns)
+                pf = pq.ParquetFile(f)
+                have = set(pf.schema_arrow.names)
+                for rb in pf.iter_batches(batch_size=batch_size, columns=[c for c in columns or self.schema.names
+                                                                          if c in have]):
+                    yield self._conform(pa.Table.from_batches([rb]), columns).to_batches()[0] if len(rb) else rb
 
     def read_part(self, i: int, columns: list[str] | None = None) -> pa.Table:
         with self.fs.open(self.files()[i], "rb") as f:
-            return pq.read_table(f, columns=columns)
+            pf = pq.ParquetFile(f)
+            have = set(pf.schema_arrow.names)
+            return self._conform(pf.read(columns=[c for c in columns or self.schema.names if c in have]), columns)
+
+    def _conform(self, table: pa.Table, columns: list[str] | None) -> pa.Table:
+        """A part's table in the dataset's schema (or `columns` of it): the text columns a part of
+        schema_version 1 lacks are added as nulls."""
+        names = columns or self.schema.names
+        if all(n in table.column_names for n in names):
+            return table.select(names) if columns is None else table
+        arrays = [table.column(n) if n in table.column_names else pa.nulls(table.num_rows, self.schema.field(n).type)
+                  for n in names]
+        missing = [n for n in names if n not in table.column_names and n not in TEXT_FIELDS]
+        if missing:
+            raise DataError(f"{self.path}: no column {missing[0]!r} (columns: {', '.join(self.schema.names)})")
+        return pa.Table.from_arrays(arrays, schema=pa.schema([self.schema.field(n) for n in names],
+                                                             metadata=self.schema.metadata))
 
     def to_table(self, columns: list[str] | None = None) -> pa.Table:
         tables = [self.read_part(i, columns) for i in range(len(self.parts))]
@@ -171,6 +199,7 @@ class TokenDataset(_DescribedByMetadata):
             f"{token_type(self.codebook_size)}, schema_version {self.metadata['schema_version']}, "
             f"vqtok {self.metadata.get('vqtok_version')}",
             f"  preprocess {json.dumps(self.metadata.get('preprocess'), sort_keys=True)}",
+            "  " + describe_captions(self.caption_counts()),
             "  schema: " + ", ".join(f"{f.name} {f.type}" for f in self.schema),
         ]
         if self.parts:
@@ -181,8 +210,10 @@ class TokenDataset(_DescribedByMetadata):
             grids = self.grids(t)
             for r, g in zip(t.to_pylist(), grids):
                 flat = " ".join(str(v) for v in g.reshape(-1)[:12])
+                caption = r["caption"] if r["caption"] is None or len(r["caption"]) <= 60 else r["caption"][:57] + "..."
                 lines.append(f"    key {r['key']!r} label {r['label']} tokens [{flat}{' ...' if g.size > 12 else ''}] "
-                             f"({r['grid_h']}x{r['grid_w']})")
+                             f"({r['grid_h']}x{r['grid_w']}) caption {caption!r}"
+                             + (f" meta {r['meta'][:60]}" if r["meta"] else ""))
         return "\n".join(lines)
 
     def verify(self) -> list[str]:

@@ -3,15 +3,18 @@
 
 A token dataset is a directory (or object-store prefix) holding
 
-    part-NNNNNN-RUN.parquet  one per input unit, zstd; columns key, tokens, grid_h, grid_w, label, source
+    part-NNNNNN-RUN.parquet  one per input unit, zstd; columns key, tokens, grid_h, grid_w, label, source,
+                             caption, meta (schema_version 2; parts of version 1 have no caption/meta)
     _manifest.json           the plan (unit -> part number) and the committed parts (rows, bytes, sha256,
                              the input's signature), as of the last compaction
     _commits/SEQ-RUN.json    one small record per unit committed since then (the commit point)
-    _errors/                 one JSON line per skipped input (key, unit, reason), a file per part
+    _errors/                 one JSON line per skipped input (key, unit, reason, unit_damaged) and per
+                             repaired or unusable caption (key, unit, reason, kind "caption"), a file per part
     _lease                   (_lease.json on object stores) who is writing (pipeline/lease.py)
 
 Schema metadata key b"vqtok" holds JSON: schema_version, codebook_size, tokenizer_id, grid,
-preprocess, vqtok_version. Everything here is plain pyarrow; the committed set is the manifest plus
+preprocess, text (caption_column, keep_columns, max_caption_bytes: pipeline/captions.py),
+vqtok_version. Everything here is plain pyarrow; the committed set is the manifest plus
 the commit records (read_committed), so a reader outside vqtok reads the files TokenDataset(OUT).files()
 lists (`vqtok inspect OUT --files`): a directory listing would also take a crashed run's orphan part.
 """
@@ -29,7 +32,8 @@ import pyarrow.parquet as pq
 from .errors import DataError
 from .sources import Unit
 
-SCHEMA_VERSION = 1  # of the parts
+SCHEMA_VERSION = 2  # of the parts. 2: caption and meta columns (1: none; read as nulls)
+TEXT_FIELDS = ("caption", "meta")  # added in schema_version 2, both string, null where there is none
 MANIFEST_VERSION = 2  # 2: commit records in _commits/, folded into the manifest (1: manifest rewritten per commit)
 METADATA_KEY = b"vqtok"
 MANIFEST = "_manifest.json"
@@ -63,18 +67,24 @@ def token_schema(meta: dict) -> pa.Schema:
         pa.field("grid_w", pa.int16(), nullable=False),
         pa.field("label", pa.int32(), nullable=True),
         pa.field("source", pa.string(), nullable=False),
+        pa.field("caption", pa.string(), nullable=True),  # the image's caption (pipeline/captions.py)
+        pa.field("meta", pa.string(), nullable=True),  # kept source metadata, a JSON object as text
     ]
     return pa.schema(fields, metadata={METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
 
 
 def dataset_metadata(*, codebook_size: int, tokenizer_id: str, grid: tuple[int, int], preprocess: dict,
-                     vqtok_version: str) -> dict:
+                     vqtok_version: str, text: dict | None = None) -> dict:
+    """text: TextFields.to_dict(), what the run keeps of captions and metadata."""
+    from .captions import TextFields
+
     return {
         "schema_version": SCHEMA_VERSION,
         "codebook_size": int(codebook_size),
         "tokenizer_id": tokenizer_id,
         "grid": [int(grid[0]), int(grid[1])],
         "preprocess": preprocess,
+        "text": text if text is not None else TextFields().to_dict(),
         "vqtok_version": vqtok_version,
     }
 
@@ -89,10 +99,12 @@ def tokens_array(tokens: np.ndarray, codebook_size: int, mask: np.ndarray | None
                                     mask=None if mask is None else pa.array(mask, pa.bool_()))
 
 
-def part_table(meta: dict, keys, tokens, labels, source: str) -> pa.Table:
-    """A part's rows. keys/labels: lists or Arrow arrays; tokens: (n, h, w) integer grids, or the
-    list<uint16|int32> Arrow column the encoders return (used as it is)."""
+def part_table(meta: dict, keys, tokens, labels, source: str, captions=None, metas=None) -> pa.Table:
+    """A part's rows. keys/labels/captions/metas: lists or Arrow arrays (captions, metas: None for
+    all null); tokens: (n, h, w) integer grids, or the list<uint16|int32> Arrow column the encoders
+    return (used as it is)."""
     n = len(keys)
+    text = lambda v: pa.nulls(n, pa.string()) if v is None else pa.array(v, pa.string()) if isinstance(v, list) else v  # noqa: E731
     h, w = meta["grid"]
     if isinstance(tokens, np.ndarray):
         tokens = tokens_array(tokens, meta["codebook_size"])
@@ -104,6 +116,8 @@ def part_table(meta: dict, keys, tokens, labels, source: str) -> pa.Table:
             pa.array(np.full(n, w, np.int16)),
             pa.array(labels, pa.int32()) if isinstance(labels, list) else labels,
             pa.array([source] * n, pa.string()),
+            text(captions),
+            text(metas),
         ],
         schema=token_schema(meta),
     )
@@ -127,11 +141,41 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+TOKEN_IDENTITY = ("tokenizer_id", "preprocess", "codebook_size", "grid")  # what makes two datasets' tokens alike
+
+
 def fingerprint(meta: dict) -> str:
-    """What must match for two runs to write into the same OUT: the tokenizer, the preprocessing
-    and the schema version."""
-    key = {k: meta[k] for k in ("tokenizer_id", "preprocess", "schema_version", "codebook_size", "grid")}
+    """The tokens' identity (TOKEN_IDENTITY: tokenizer and preprocessing), hashed, as manifests
+    record it. Manifests of schema_version 1 hashed schema_version with it; writers compare
+    TOKEN_IDENTITY itself (same_tokens), which both carry in their metadata."""
+    key = {k: meta[k] for k in TOKEN_IDENTITY}
     return sha256(json.dumps(key, sort_keys=True).encode())
+
+
+def same_tokens(a: dict, b: dict) -> bool:
+    """Whether two datasets' metadata describe the same tokens (tokenizer, preprocessing, K, grid)."""
+    return all(json.dumps(a.get(k), sort_keys=True) == json.dumps(b.get(k), sort_keys=True) for k in TOKEN_IDENTITY)
+
+
+def caption_counts(committed: dict[str, dict]) -> dict[str, int]:
+    """Rows by caption, from commit records: with a caption (of them repaired), unusable (null:
+    empty, ...), missing (none in the source), and rows in parts written before captions."""
+    c = list(committed.values())
+    rows = sum(r["rows"] for r in c)
+    old = sum(r["rows"] for r in c if r.get("schema_version", 1) < 2)
+    captioned = sum(r.get("captions", 0) for r in c)
+    unusable = sum(r.get("captions_unusable", 0) for r in c)
+    return {"rows": rows, "captioned": captioned, "repaired": sum(r.get("captions_repaired", 0) for r in c),
+            "unusable": unusable, "missing": rows - old - captioned - unusable, "before_captions": old}
+
+
+def describe_captions(c: dict[str, int]) -> str:
+    """'captions: 9,812 of 10,000 rows (12 repaired; 3 unusable, null; 185 with none in the source)'."""
+    notes = [f"{c['repaired']:,} repaired"] if c["repaired"] else []
+    notes += [f"{c['unusable']:,} unusable, null"] if c["unusable"] else []
+    notes += [f"{c['missing']:,} with none in the source"] if c["missing"] else []
+    notes += [f"{c['before_captions']:,} in parts written before captions"] if c["before_captions"] else []
+    return f"captions: {c['captioned']:,} of {c['rows']:,} rows" + (f" ({'; '.join(notes)})" if notes else "")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ import os
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import fsspec
 import pyarrow as pa
@@ -37,9 +37,11 @@ from fsspec.implementations.local import LocalFileSystem
 
 from .errors import ConfigError
 from .lease import DEFAULT_TTL, Lease
+from .captions import CaptionNote, TextFields
 from .sources import Failure, Unit
 from .token_format import (COMMITS_DIR, ERRORS_DIR, FORMAT, MANIFEST, MANIFEST_VERSION, SCHEMA_VERSION, STAGING_DIR,
-                           errors_name, fingerprint, input_changed, parquet_bytes, part_name, read_committed, sha256)
+                           caption_counts, errors_name, fingerprint, input_changed, parquet_bytes, part_name, read_committed, same_tokens,
+                           sha256)
 
 CONFIG = "_tokenize_config.json"
 
@@ -52,7 +54,7 @@ REMOVED = ("refuse", "keep", "drop")  # ... and with committed units no longer a
 class OutputRefused(ConfigError):
     """The writer will not write the dataset as asked. `found` says what it found; `fix` what to do,
     in TokenWriter.open's terms (a command that knows its own flags names those instead, by `kind`):
-    "unwritable", "other_tokenizer", "foreign_files", "changed" or "removed"."""
+    "unwritable", "other_tokenizer", "other_text", "foreign_files", "changed" or "removed"."""
 
     def __init__(self, kind: str, found: str, fix: str):
         super().__init__(f"{found}: {fix}")
@@ -68,6 +70,9 @@ class Plan:
     removed: list[str]
     kept: list[str]  # removed inputs whose rows stay (removed="keep")
     dropped: list[str]  # removed inputs whose rows were dropped (removed="drop")
+    # committed parts written before token datasets had captions (schema_version 1): they stay, and
+    # read with null captions; a new OUT (or removing them) gives their images captions
+    uncaptioned: list[str] = field(default_factory=list)
 
 
 class TokenWriter:
@@ -128,20 +133,31 @@ class TokenWriter:
         else:
             manifest, committed = state
             manifest["committed"] = committed
-            if manifest.get("fingerprint") != fp:
-                old = manifest.get("metadata", {})
+            old = manifest.get("metadata", {})
+            if not same_tokens(old, meta):
                 raise OutputRefused(
                     "other_tokenizer",
                     f"{url} already holds tokens from another tokenizer or preprocessing (tokenizer "
                     f"{str(old.get('tokenizer_id'))[:12]}, grid {old.get('grid')}; this run: tokenizer "
                     f"{meta['tokenizer_id'][:12]}, grid {meta['grid']}). Mixing them would make one dataset with two "
                     f"vocabularies", f"write to a new location, or delete {url} to start over")
+            if "text" in old and old["text"] != meta.get("text"):
+                raise OutputRefused(
+                    "other_text", f"{url} was written keeping other text beside the images ({_text_options(old['text'])}; "
+                    f"this run: {_text_options(meta.get('text'))}): its rows would differ from one part to the next",
+                    "give the same caption and metadata options as before, or write to a new location")
+            # a dataset written before captions (schema_version 1) continues: its parts stay as they
+            # are (read with null captions), new parts carry captions; the run says so (Plan.uncaptioned)
+            manifest["metadata"], manifest["fingerprint"] = meta, fp
+            manifest["schema_version"] = SCHEMA_VERSION
             manifest["manifest_version"] = MANIFEST_VERSION
             manifest["seq"] = max([manifest.get("seq", 0)] + [c.get("seq", 0) for c in manifest["committed"].values()])
         if tokenizer_location:
             manifest["tokenizer"] = tokenizer_location
         out = cls(url, fs, root, manifest, lease)
         out._plan(units, changed, removed)
+        out.plan.uncaptioned = sorted(u for u, c in out.committed.items()
+                                      if c.get("schema_version", 1) < 2 and u not in out.redo)
         manifest["run"] = lease.run  # from here on only this run's commit records count
         try:
             out._write_manifest()
@@ -202,26 +218,35 @@ class TokenWriter:
     def failures(self) -> int:
         return sum(c["failures"] for c in self.committed.values())
 
+    def caption_counts(self) -> dict[str, int]:
+        return caption_counts(self.committed)
+
     @property
     def damaged_units(self) -> int:
         """Committed units whose input was cut short or unreadable (Failure.unit_damaged)."""
         return sum(bool(c.get("damaged")) for c in self.committed.values())
 
     # --- committing ---------------------------------------------------------------------------
-    def commit(self, unit: Unit, index: int, table: pa.Table, failures: Sequence[Failure]) -> dict:
-        """Write one unit's part and error records, then its commit record: O(1) bytes per unit.
-        Returns the record."""
+    def commit(self, unit: Unit, index: int, table: pa.Table, failures: Sequence[Failure],
+               notes: Sequence[CaptionNote] = ()) -> dict:
+        """Write one unit's part and error records (skipped images, then repaired or unusable
+        captions), then its commit record: O(1) bytes per unit. Returns the record."""
         self.lease.check()
         name = part_name(index, self.lease.run)
         data = parquet_bytes(table)
         self._put(name, data)
-        if failures:
+        if failures or notes:
             lines = "".join(json.dumps(asdict(f)) + "\n" for f in failures)
+            lines += "".join(json.dumps(n.record()) + "\n" for n in notes)
             self._put(errors_name(name), lines.encode())
         seq = self.manifest["seq"] + len(self.records) + 1
+        captions = table.num_rows - table.column("caption").null_count if "caption" in table.column_names else 0
         record = {"part": name, "rows": table.num_rows, "bytes": len(data), "sha256": sha256(data),
                   "failures": len(failures), "damaged": any(f.unit_damaged for f in failures),
-                  "signature": unit.signature, "committed": time.time(), "seq": seq}
+                  "signature": unit.signature, "committed": time.time(), "seq": seq,
+                  "schema_version": SCHEMA_VERSION, "captions": captions,
+                  "captions_repaired": sum(n.kept for n in notes if n.column == "caption"),
+                  "captions_unusable": sum(not n.kept for n in notes if n.column == "caption")}
         self.lease.check()
         record_name = f"{COMMITS_DIR}/{seq:012d}-{self.lease.run}.json"
         self._put(record_name, json.dumps({"unit": unit.url, **record}, sort_keys=True).encode())  # the commit point
@@ -303,6 +328,12 @@ class TokenWriter:
                 os.close(fd)
         else:
             self.fs.pipe_file(final, data)
+
+
+def _text_options(text: dict | None) -> str:
+    t = TextFields.from_dict(text or {})
+    return (f"caption column {t.caption_column or 'caption/text/txt'}, kept metadata "
+            f"{','.join(t.keep_columns) or 'none'}, captions cut at {t.max_caption_bytes} bytes")
 
 
 def _unwritable(url: str, e: Exception) -> OutputRefused:

@@ -36,15 +36,19 @@ def test_an_old_token_dataset_loads_with_its_rows_and_failures(tmp_path):
 
 
 def test_todays_tokenize_writes_the_old_datasets_rows(tmp_path, shards, ray_local):
-    """Every column but `source` (the input's URL, elsewhere here) equal, schema and metadata included."""
+    """Every column but `source` (the input's URL, elsewhere here) equal, schema and metadata included
+    (but for what schema_version 2 added: the caption and meta columns, null in both, and the text
+    options)."""
     new = tmp_path / "new"
     tokenize(BUNDLE, str(shards), new, batch_size=8, verbose=False)
     old, now = TokenDataset(FIXTURE / "tokens"), TokenDataset(new)
     assert [(p.unit.rsplit("/", 1)[1], p.rows) for p in now.parts] == [(p.unit.rsplit("/", 1)[1], p.rows) for p in old.parts]
     a, b = old.to_table().drop_columns(["source"]), now.to_table().drop_columns(["source"])
     assert a.equals(b)
-    drop = lambda m: {k: v for k, v in m.items() if k != "vqtok_version"}  # noqa: E731
+    drop = lambda m: {k: v for k, v in m.items() if k not in ("vqtok_version", "schema_version", "text")}  # noqa: E731
     assert drop(old.metadata) == drop(now.metadata)
+    assert (old.metadata["schema_version"], now.metadata["schema_version"]) == (1, 2)
+    assert a.column("caption").null_count == b.column("caption").null_count == a.num_rows
     assert old.tokenizer_id == now.tokenizer_id and now.failures == old.failures == 1
 
 
@@ -67,9 +71,13 @@ def test_a_rerun_into_an_old_dataset_continues_it(tmp_path, shards, fmnist, ray_
     _retarget(out2, data)
     r = tokenize(BUNDLE, str(data), out2, batch_size=8, verbose=False)
     assert (r.units_run, r.units_skipped, r.rows) == (0, 2, 40)
-    write_tar(data / "shard-0002.tar", [(f"n{i:02d}.png", png_bytes(images[40 + i])) for i in range(5)])
+    assert len(r.plan.uncaptioned) == 2  # said plainly: their rows read with null captions
+    members = [(f"n{i:02d}.png", png_bytes(images[40 + i])) for i in range(5)] + [("n00.txt", b"a new caption")]
+    write_tar(data / "shard-0002.tar", sorted(members))
     r = tokenize(BUNDLE, str(data), out2, batch_size=8, verbose=False)
     assert (r.units_run, r.units_skipped, r.rows) == (1, 2, 45)
+    assert r.captions == {"rows": 45, "captioned": 1, "repaired": 0, "unusable": 0, "missing": 4, "before_captions": 40}
+    assert TokenDataset(out2).to_table(["key", "caption"]).to_pylist()[40] == {"key": "n00", "caption": "a new caption"}
     assert {p.name: p.sha256 for p in TokenDataset(out2).parts if p.name in before} == before
     assert before  # the old parts are still there, untouched
 

@@ -55,7 +55,7 @@ def test_tokens_equal_tokenizer_encode_and_read_back_with_plain_pyarrow(tmp_path
     plain = pads.dataset(str(out), format="parquet").to_table()
     assert plain.num_rows == 4 * PER_SHARD and sorted(plain.column("key").to_pylist()) == sorted(keys)
     meta = json.loads(pq.read_schema(ds.files()[0]).metadata[b"vqtok"])
-    assert meta["schema_version"] == 1 and meta["codebook_size"] == 32 and meta["grid"] == [7, 7]
+    assert meta["schema_version"] == 2 and meta["codebook_size"] == 32 and meta["grid"] == [7, 7]
     assert meta["tokenizer_id"] == ds.tokenizer_id and meta["preprocess"]["image_size"] == 28
     assert ds.verify() == []
     # streaming read gives the same rows
@@ -136,12 +136,12 @@ def test_crash_between_part_write_and_commit_redoes_the_unit(tmp_path, bundle, s
     out = tmp_path / "crashed"
     real_commit, calls = plan.TokenWriter.commit, []
 
-    def crash_on_third(self, unit, index, table, failures):
+    def crash_on_third(self, unit, index, table, failures, notes=()):
         calls.append(index)
         if len(calls) == 3:  # write the part (with a corrupt payload), then die before the manifest
             self._put(part_name(index, self.lease.run), b"half-written garbage")
             raise KeyboardInterrupt("simulated crash")
-        return real_commit(self, unit, index, table, failures)
+        return real_commit(self, unit, index, table, failures, notes)
 
     monkeypatch.setattr(plan.TokenWriter, "commit", crash_on_third)
     # a hard crash: nothing tidies up after it (a clean exit would compact and delete the orphan)
