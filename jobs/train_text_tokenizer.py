@@ -109,7 +109,10 @@ def dataset_captions(tokens: str) -> Callable[[], Iterator[str | None]]:
     part at a time; refuses a dataset without captions, naming it."""
     from ..pipeline.token_dataset import TokenDataset
 
-    ds = TokenDataset(tokens)
+    try:
+        ds = TokenDataset(tokens)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--tokens {e}") from None
     if "caption" not in ds.schema.names:
         raise DataError(f"--tokens {tokens}: the dataset has no caption column (written before vqtok kept "
                         f"captions); re-run vqtok tokenize on captioned images into a new --out")

@@ -99,7 +99,7 @@ class TextTokenizer:
 
     # --- construction -------------------------------------------------------------------------
     @classmethod
-    def load(cls, spec: str, storage_options: dict | None = None) -> "TextTokenizer":
+    def load(cls, spec: str, storage_options: dict | None = None) -> TextTokenizer:
         """`spec`: "bytes", or a Hugging Face tokenizer.json (a local path or any fsspec URL; a
         directory holding tokenizer.json also works)."""
         spec = str(spec)
@@ -123,7 +123,7 @@ class TextTokenizer:
         return cls.from_json(data, name="/".join(PurePosixPath(path).parts[-2:]), where=spec)
 
     @classmethod
-    def from_json(cls, data: bytes | str, *, name: str = "tokenizer.json", where: str = "<bytes>") -> "TextTokenizer":
+    def from_json(cls, data: bytes | str, *, name: str = "tokenizer.json", where: str = "<bytes>") -> TextTokenizer:
         """A tokenizer.json's contents; the id is the sha256 of exactly these bytes."""
         raw = data.encode("utf-8") if isinstance(data, str) else bytes(data)
         try:
@@ -139,7 +139,7 @@ class TextTokenizer:
         return text
 
     @classmethod
-    def from_hf(cls, tokenizer, *, name: str = "tokenizer.json") -> "TextTokenizer":
+    def from_hf(cls, tokenizer, *, name: str = "tokenizer.json") -> TextTokenizer:
         """Wrap a tokenizers.Tokenizer: the same as saving it (to_str()) and loading that file."""
         return cls.from_json(tokenizer.to_str(), name=name)
 

@@ -77,7 +77,6 @@ and `sequence`, not through the extended tokenizer's encode.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -221,7 +220,6 @@ class Vocabulary:
         self._check_ids(ids)
         ids = ids.tolist()
         notes: list[str] = []
-        errors: list[str] = []
         n_pad = 0
         while ids and ids[-1] == self.pad:
             ids.pop()
@@ -256,8 +254,8 @@ class Vocabulary:
 
     def _text(self, ids: list[int], where: str) -> tuple[list[int], list[str]]:
         bad = [(p, i) for p, i in enumerate(ids) if i >= self.text_vocab_size]
-        errors = [f"{where} holds {len(bad)} non-text ids (first: {self.token_name(bad[0][1])} at position "
-                  f"{bad[0][0]}); they are left out of the caption"] if bad else []
+        errors = [(f"{where} holds {len(bad)} non-text ids (first: {self.token_name(bad[0][1])} at position "
+                   f"{bad[0][0]}); they are left out of the caption")] if bad else []
         return [i for i in ids if i < self.text_vocab_size], errors
 
     def _image(self, ids: list[int], notes: list[str]) -> tuple[np.ndarray | None, list[int], list[str]]:
@@ -317,7 +315,7 @@ class Vocabulary:
         }
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "layout") -> "Vocabulary":
+    def from_dict(cls, d: dict, where: str = "layout") -> Vocabulary:
         """Read to_dict()'s output back; refuses another format, a newer version, or ids that do not
         match this version's layout."""
         if d.get("format") != FORMAT:
@@ -365,7 +363,7 @@ class Vocabulary:
 
     @classmethod
     def from_tokenizer(cls, tok, grid, *, image_tokenizer_id: str = "", text_tokenizer_id: str = "",
-                       max_text_tokens: int = 128) -> "Vocabulary":
+                       max_text_tokens: int = 128) -> Vocabulary:
         """The layout of an extended tokenizer.json (`extend`'s output), found by name: <pad> at
         text_vocab_size, the specials after it, <img_0>.. <img_{K-1}> from image_offset. The grid
         is not in a tokenizer.json: give it (the image tokenizer's)."""
@@ -393,7 +391,7 @@ class Vocabulary:
                              f"not a vqtok layout")
         return cls(pad, text_tokenizer_id, k, tuple(grid), image_tokenizer_id, max_text_tokens)
 
-    def same_layout(self, other: "Vocabulary") -> bool:
+    def same_layout(self, other: Vocabulary) -> bool:
         """Do both put every id in the same place (tokenizer ids and caption length aside)?"""
         return (self.text_vocab_size, self.codebook_size, self.grid) == (other.text_vocab_size, other.codebook_size,
                                                                          other.grid)
