@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-
 from vqtok import TokenDataset, tokenize, train_text_tokenizer
 from vqtok.models.text_tokenizer import TextTokenizer
 
@@ -84,7 +83,7 @@ def _expected(titles: dict) -> tuple[dict, set, set]:
 
 
 def test_the_sample_is_what_its_readme_says(index, titles):
-    want, empty, repaired = _expected(titles)
+    _, empty, repaired = _expected(titles)
     assert index["count"] == len(titles) == 96 and index["size"] == 32
     assert (len(empty), len(repaired)) == (8, 1)
     assert sum(t != t.strip() for t in titles.values() if t and t.strip()) == 7  # spaces at an end, kept
