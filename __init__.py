@@ -32,6 +32,7 @@ _EXPORTS = {
     "train_text_tokenizer": "jobs.train_text_tokenizer", "TextTokenizerConfig": "jobs.train_text_tokenizer",
     "decode_sequence": "jobs.decode_sequence",
     "TextTokenizer": "models.text_tokenizer", "Vocabulary": "models.vocabulary",
+    "export_lm": "jobs.export_lm", "ExportLMConfig": "jobs.export_lm", "ExportResult": "jobs.export_lm",
 }
 
 
@@ -63,6 +64,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .jobs.decode_sequence import decode_sequence
     from .models.text_tokenizer import TextTokenizer
     from .models.vocabulary import Vocabulary
+    from .jobs.export_lm import ExportLMConfig, ExportResult, export_lm
 
 try:
     from importlib.metadata import version as _version
@@ -78,4 +80,5 @@ __all__ = [
     "Pipeline", "PipelineConfig", "demo",
     "nearest_code", "convert", "list_units", "ConfigError", "DataError", "__version__",
     "train_text_tokenizer", "TextTokenizerConfig", "decode_sequence", "TextTokenizer", "Vocabulary",
+    "export_lm", "ExportLMConfig", "ExportResult",
 ]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from .jobs import demo, eval_vqvae, import_tokenizer, run, sample, tokenize, train_prior, train_vqvae
 from .jobs import decode_sequence, train_text_tokenizer
+from .jobs import export_lm
 from .jobs.options import Command, run_command
 from .models.bundle import vqtok_version
 from .models.config import Config, option
@@ -61,6 +62,7 @@ COMMANDS = [
     demo.COMMAND, run.COMMAND, train_vqvae.COMMAND, import_tokenizer.COMMAND, eval_vqvae.COMMAND, tokenize.COMMAND,
     train_prior.COMMAND, sample.COMMAND,
     train_text_tokenizer.COMMAND, decode_sequence.COMMAND,
+    export_lm.COMMAND,
     Command("inspect", "summary, schema metadata and a few rows of a token dataset", InspectOptions, inspect,
             config_file=False),
     Command("convert", "write WebDataset shards (KEY.png, KEY.cls) from IDX files or an image folder", ConvertOptions,
