@@ -250,6 +250,7 @@ class TokenBatch:
     labels: torch.Tensor  # int64 (B,), -1 where the row has no label
     consumed: int  # rows this rank has taken from its stream so far (the resume position)
     epoch: int
+    captions: list[str | None] | None = None  # with TokenStream(captions=True): each row's caption
 
 
 class TokenStream:
@@ -258,9 +259,12 @@ class TokenStream:
     from the manifest, so a resumed run passes over whole epochs without reading them."""
 
     def __init__(self, parts: Sequence[Part], grid: tuple[int, int], *, seed: int = 0, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True, shuffle_buffer: int = 20_000, read_rows: int = 2048):
-        self.grid, self.read_rows = grid, read_rows
-        self.stream = ShardedStream(parts, lambda part: iter_part_rows(part, self.read_rows), size=lambda part: part.rows,
+                 world_size: int = 1, shuffle: bool = True, shuffle_buffer: int = 20_000, read_rows: int = 2048,
+                 captions: bool = False):
+        """captions: also carry each row's caption (TokenBatch.captions; the data order is the same)."""
+        self.grid, self.read_rows, self.captions = grid, read_rows, captions
+        self.stream = ShardedStream(parts, lambda part: iter_part_rows(part, self.read_rows, captions=captions),
+                                    size=lambda part: part.rows,
                                     seed=seed, rank=rank, world_size=world_size, shuffle=shuffle,
                                     shuffle_buffer=shuffle_buffer, what=("part", "row"))
 
@@ -268,15 +272,17 @@ class TokenStream:
         """Rows this rank reads in epoch e, from the manifest's counts (nothing is read)."""
         return self.stream.epoch_size(epoch)
 
-    def rows(self, skip: int = 0) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-        """(epoch, tokens, labels) chunks forever, starting after `skip` rows of this rank's stream."""
+    def rows(self, skip: int = 0) -> Iterator[tuple]:
+        """(epoch, tokens, labels[, captions]) chunks forever, starting after `skip` rows of this rank's stream."""
         for chunk in self.stream.chunks(skip):
             yield chunk.epoch, *chunk.columns
 
-    def _batch(self, tokens: np.ndarray, labels: np.ndarray, consumed: int, epoch: int) -> TokenBatch:
+    def _batch(self, columns: tuple[np.ndarray, ...], consumed: int, epoch: int) -> TokenBatch:
+        tokens, labels = columns[0], columns[1]
         h, w = self.grid
         return TokenBatch(torch.from_numpy(tokens.astype(np.int64)).view(len(labels), h, w),
-                          torch.from_numpy(labels), consumed, epoch)
+                          torch.from_numpy(labels), consumed, epoch,
+                          columns[2].tolist() if self.captions else None)
 
     def one_pass(self, batch_size: int, max_rows: int | None = None) -> Iterator[TokenBatch]:
         """Epoch 0 once (the first max_rows rows of it), in batches; the last one may be short.
@@ -284,31 +290,28 @@ class TokenStream:
         want = self.epoch_rows(0) if max_rows is None else min(max_rows, self.epoch_rows(0))
         done = 0
         for chunk in self.stream.chunks(epochs=1):
-            tokens, labels = chunk.columns
-            for i in range(0, len(labels), batch_size):
-                take = min(batch_size, len(labels) - i, want - done)
+            n = len(chunk.columns[0])
+            for i in range(0, n, batch_size):
+                take = min(batch_size, n - i, want - done)
                 if take <= 0:
                     return
                 done += take
-                yield self._batch(tokens[i:i + take], labels[i:i + take], done, 0)
+                yield self._batch(tuple(c[i:i + take] for c in chunk.columns), done, 0)
 
     def batches(self, batch_size: int, *, skip: int = 0) -> Iterator[TokenBatch]:
         """Batches of batch_size rows forever (epochs run into each other)."""
-        pend_t: list[np.ndarray] = []
-        pend_l: list[np.ndarray] = []
+        pending: list[tuple[np.ndarray, ...]] = []
         have, consumed = 0, skip
         for chunk in self.stream.chunks(skip):
-            tokens, labels = chunk.columns
-            pend_t.append(tokens)
-            pend_l.append(labels)
-            have += len(labels)
+            pending.append(chunk.columns)
+            have += len(chunk.columns[0])
             if have < batch_size:
                 continue
-            t, lab = np.concatenate(pend_t), np.concatenate(pend_l)
-            nb = len(lab) // batch_size
+            cols = tuple(np.concatenate(c) for c in zip(*pending))
+            nb = have // batch_size
             for i in range(nb):
                 s = slice(i * batch_size, (i + 1) * batch_size)
                 consumed += batch_size
-                yield self._batch(t[s], lab[s], consumed, chunk.epoch)
-            pend_t, pend_l = [t[nb * batch_size:]], [lab[nb * batch_size:]]
-            have = len(pend_l[0])
+                yield self._batch(tuple(c[s] for c in cols), consumed, chunk.epoch)
+            pending = [tuple(c[nb * batch_size:] for c in cols)]
+            have = len(pending[0][0])

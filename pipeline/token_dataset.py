@@ -26,14 +26,24 @@ from .token_format import (ERRORS_DIR, caption_counts, describe_captions, FORMAT
                            read_committed, sha256, token_schema, token_type)
 
 
-def iter_part_rows(part: Part, batch_rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def iter_part_rows(part: Part, batch_rows: int, *, captions: bool = False) -> Iterator[tuple[np.ndarray, ...]]:
     """A part's rows in record batches: (tokens (m, h*w) as stored (uint16/int32), labels (m,)
-    int64 with -1 where there is none)."""
+    int64 with -1 where there is none[, captions (m,) object array of str or None]). A part
+    written before captions (schema_version 1) gives None captions."""
     with fsspec.open(part.url, "rb") as f:
-        for rb in pq.ParquetFile(f).iter_batches(batch_size=batch_rows, columns=["tokens", "label"]):
+        pf = pq.ParquetFile(f)
+        has_caption = "caption" in pf.schema_arrow.names
+        columns = ["tokens", "label"] + (["caption"] if captions and has_caption else [])
+        for rb in pf.iter_batches(batch_size=batch_rows, columns=columns):
             tokens = flat_tokens(rb.column(0)).reshape(len(rb), -1)
             labels = rb.column(1).fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
-            yield tokens, labels
+            if not captions:
+                yield tokens, labels
+                continue
+            text = np.empty(len(rb), dtype=object)
+            if has_caption:
+                text[:] = rb.column(2).to_pylist()
+            yield tokens, labels, text
 
 
 class _DescribedByMetadata:
