@@ -20,6 +20,7 @@ import json
 import os
 import posixpath
 import re
+import sys
 import tarfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -43,6 +44,10 @@ PARQUET_IMAGE_COLUMNS = ("image", "img", "png", "jpg", "jpeg", "webp", "image_by
 PARQUET_KEY_COLUMNS = ("key", "__key__", "id", "name", "path")
 PARQUET_LABEL_COLUMNS = ("label", "cls", "labels", "class")
 IDX_IMAGES = re.compile(r"idx3-ubyte(\.gz)?$")
+# IDX captions: a text file beside the images file, named like it with "captions.txt" (or
+# "captions.txt.gz") in place of "images-idx3-ubyte[.gz]": t10k-images-idx3-ubyte.gz -> t10k-captions.txt
+IDX_CAPTIONS = re.compile(r"(images-)?idx3-ubyte(\.gz)?$")
+IDX_CAPTION_SUFFIXES = ("captions.txt", "captions.txt.gz")  # the first found is used
 FOLDER_UNIT_SIZE = 1000  # image files per unit, on average, when reading an image folder (see _folder_units)
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -54,6 +59,8 @@ class Unit:
     files: tuple[str, ...] = ()  # "files": the image files of this folder unit
     labels: tuple[int | None, ...] = ()  # "files": the label of each file (from its parent folder)
     labels_url: str | None = None  # "idx": the matching labels file, when there is one
+    # "idx": the captions file beside it (one line per image; see _idx_captions_url), when there is one
+    captions_url: str | None = None
     # "files": each file's caption sidecar (NAME.txt beside NAME.jpg) and metadata sidecar
     # (NAME.json), "" where there is none; empty tuples when the folder unit has no sidecars at all
     captions: tuple[str, ...] = ()
@@ -181,8 +188,12 @@ def _classify(files: dict[str, dict], folder_unit_size: int, base: str | None) -
         if IDX_IMAGES.search(f):
             labels = re.sub(r"images-idx3", "labels-idx1", f).replace("idx3-ubyte", "idx1-ubyte")
             label_info = files.get(labels) or (_info(labels) if labels != f else None)
+            stamps = [_stamp(files[f]), label_info and _stamp(label_info)]
+            captions, caption_info = _idx_captions_url(f, files)
+            if caption_info:  # only then: a unit without captions keeps the signature it had before
+                stamps.append(_stamp(caption_info))
             units.append(Unit(url=f, kind="idx", labels_url=labels if label_info else None,
-                              signature=_signature(_stamp(files[f]), label_info and _stamp(label_info))))
+                              captions_url=captions if caption_info else None, signature=_signature(*stamps)))
     images = [f for f in urls if _ext(f) in IMAGE_EXTS]
     if images and len(units) == 0:
         units += _folder_units(images, [_stamp(files[f]) for f in images], folder_unit_size, base,
@@ -234,6 +245,23 @@ def _folder_units(images: list[str], stamps: list[str], size: int, base: str | N
         units.append(Unit(url=f"{root}#{name}", kind="files", files=tuple(images[a:b]), labels=tuple(labels[a:b]),
                           captions=cap, metas=met, signature=signature))
     return units
+
+
+def _idx_captions_url(images_url: str, files: dict[str, dict]) -> tuple[str | None, dict | None]:
+    """The captions file of an IDX images file, and its fsspec info; (None, None) when there is none.
+
+    X-images-idx3-ubyte[.gz] -> X-captions.txt, else X-captions.txt.gz (the first that exists). The
+    file holds one caption per image, in the images' order: line i (lines end with "\\n"; a final line
+    end is optional) is image i's caption, so a caption cannot contain a newline. Its stamp joins the
+    unit's signature: editing, adding or removing the file redoes the unit."""
+    for suffix in IDX_CAPTION_SUFFIXES:
+        url = IDX_CAPTIONS.sub(suffix, images_url)
+        if url == images_url:
+            continue
+        info = files.get(url) or _info(url)
+        if info and info.get("type") != "directory":
+            return url, info
+    return None, None
 
 
 def _boundary(relative_path: str, size: int) -> bool:
@@ -413,10 +441,39 @@ def _iter_idx(unit: Unit, on_failure) -> Iterator[RawSample]:
     if labels is not None and len(labels) != len(images):
         on_failure(Failure("<labels>", unit.url, f"{len(labels)} labels for {len(images)} images: labels ignored"))
         labels = None
+    captions = _idx_captions(unit, len(images))
     stem = os.path.basename(unit.url).split(".")[0]
     for i in range(len(images)):
         yield RawSample(key=f"{stem}/{i:06d}", data=images[i], label=None if labels is None else int(labels[i]),
-                        unit=unit.url)
+                        unit=unit.url, caption=None if captions is None else captions[i])
+
+
+def _idx_captions(unit: Unit, n_images: int) -> list[bytes] | None:
+    """The lines of an IDX unit's captions file as bytes (captions.py cleans each; an empty line is
+    an empty caption), or None when it has none, or when the file cannot be read or does not hold
+    one line per image. Those two are not failed images (every image is still read, with no
+    caption, counted as missing): they are printed as a warning, not passed to on_failure (which
+    counts each report as a failed image)."""
+    if not unit.captions_url:
+        return None
+    try:
+        with fsspec.open(unit.captions_url, "rb", compression="infer") as f:
+            data = f.read()
+    except Exception as e:
+        _warn(f"unreadable captions file {unit.captions_url} ({type(e).__name__}: {e}): captions ignored for {unit.url}")
+        return None
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":  # the final line end
+        lines.pop()
+    if len(lines) != n_images:
+        _warn(f"{unit.captions_url} holds {len(lines)} captions for {n_images} images (one line per image, in order): "
+              f"captions ignored for {unit.url}")
+        return None
+    return lines
+
+
+def _warn(message: str) -> None:
+    print(f"vqtok: warning: {message}", file=sys.stderr, flush=True)
 
 
 def _iter_files(unit: Unit, on_failure) -> Iterator[RawSample]:
