@@ -94,7 +94,29 @@ class PriorConfig(PriorShape):
 # tokenizer's location when it was trained) and model.safetensors. `vqtok train-prior` writes it to
 # PRIOR_DIR/prior; Prior.load takes either PRIOR_DIR or the bundle directory itself.
 PRIOR_FORMAT = "vqtok-prior"
-PRIOR_VERSION = 1
+PRIOR_VERSION = 1  # class-conditional and unconditional priors (Prior)
+TEXT_PRIOR_VERSION = 2  # text priors (models/text_prior.py), "kind": "text": older vqtok refuses them by version
+
+
+def find_tokenizer(want: str, recorded: str, tokenizer=None):
+    """The image tokenizer a prior was trained for: the one given (a Tokenizer or a path), else the
+    recorded location; its id must be `want`."""
+    from .tokenizer import Tokenizer
+
+    if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
+        where = str(tokenizer or recorded)
+        if not where:
+            raise FileNotFoundError(f"this prior does not record where its tokenizer ({want[:16]}) is: pass one "
+                                    f"(--tokenizer PATH)")
+        try:
+            tokenizer = Tokenizer.load(where)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"the prior's tokenizer ({want[:16]}) was at {where}, which is not a tokenizer "
+                                    f"bundle now: pass its new location (--tokenizer PATH)") from None
+    if want and tokenizer.id != want:
+        raise ValueError(f"tokenizer {tokenizer.id[:16]} is not the one this prior was trained for ({want[:16]}): its "
+                         f"codes mean other things; pass the tokenizer whose token dataset trained the prior")
+    return tokenizer
 
 
 def bits(nats: float) -> float:
@@ -107,6 +129,7 @@ class Samples:
     tokens: torch.Tensor  # int64 (n, h, w)
     labels: torch.Tensor  # int64 (n,), -1 for unconditional samples
     images: torch.Tensor | None  # uint8 (n, S, S) or (n, S, S, 3), decoded by the tokenizer
+    prompts: list[str] | None = None  # a text prior's samples: each one's prompt
 
 
 class SelfAttention(nn.Module):
@@ -274,7 +297,14 @@ class Prior(nn.Module):
         except FileNotFoundError:
             where = base
             config_bytes, weights_bytes = read_bundle(where, what="prior", hint=hint)
-        config = parse_config(config_bytes, fmt=PRIOR_FORMAT, version=PRIOR_VERSION, where=where)
+        config = parse_config(config_bytes, fmt=PRIOR_FORMAT, version=TEXT_PRIOR_VERSION, where=where)
+        if config.get("kind") == "text":  # a text prior (models/text_prior.py)
+            from .text_prior import TextPrior
+
+            return TextPrior.from_bundle(config, weights_bytes, where).to(device).eval()
+        if config.get("format_version", 0) > PRIOR_VERSION:
+            raise ValueError(f"{where}/config.json: prior format_version {config['format_version']} is newer than "
+                             f"this vqtok understands ({PRIOR_VERSION}); upgrade vqtok")
         prior = cls(PriorConfig.from_dict(config["model"], where=f"{where}/config.json model"))
         prior.load_state_dict(load_weights(weights_bytes))
         prior.tokenizer_path = config.get("tokenizer", {}).get("path", "")
@@ -283,23 +313,7 @@ class Prior(nn.Module):
     def load_tokenizer(self, tokenizer=None):
         """The tokenizer this prior was trained for: the one given, else the recorded location; its id
         must match the one the prior records."""
-        from .tokenizer import Tokenizer
-
-        want = self.cfg.tokenizer_id
-        if tokenizer is None or isinstance(tokenizer, (str, os.PathLike)):
-            where = str(tokenizer or self.tokenizer_path)
-            if not where:
-                raise FileNotFoundError(f"this prior does not record where its tokenizer ({want[:16]}) is: pass one "
-                                        f"(--tokenizer PATH)")
-            try:
-                tokenizer = Tokenizer.load(where)
-            except FileNotFoundError:
-                raise FileNotFoundError(f"the prior's tokenizer ({want[:16]}) was at {where}, which is not a tokenizer "
-                                        f"bundle now: pass its new location (--tokenizer PATH)") from None
-        if want and tokenizer.id != want:
-            raise ValueError(f"tokenizer {tokenizer.id[:16]} is not the one this prior was trained for ({want[:16]}): its "
-                             f"codes mean other things; pass the tokenizer whose token dataset trained the prior")
-        return tokenizer
+        return find_tokenizer(self.cfg.tokenizer_id, self.tokenizer_path, tokenizer)
 
     @torch.no_grad()
     def sample(self, n: int, *, classes: int | Sequence[int] | torch.Tensor | None = None,

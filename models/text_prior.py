@@ -39,8 +39,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .bundle import load_weights, write_bundle
 from .config import ConfigError, option
-from .prior import Block, PriorShape, sample_next
+from .prior import PRIOR_FORMAT, TEXT_PRIOR_VERSION, Block, PriorShape, Samples, find_tokenizer, sample_next
+from .text_tokenizer import TextTokenizer
 from .vocabulary import Vocabulary
 
 TEXT_FIRST, IMAGE_FIRST = "text-first", "image-first"
@@ -52,6 +54,7 @@ class TextPriorConfig(PriorShape):
 
     WHAT = "text prior config"
     vocabulary: dict = option(help="Vocabulary.to_dict(): the layout of text and image ids", factory=dict)
+    orders: str = option("text-first", "the orders it was trained on: text-first, or both (it also captions)")
     caption_dropout: float = option(0.1, "probability a caption is replaced by the empty one in training (for guidance)")
     text_loss_weight: float = option(0.0, "weight of the caption's own loss in text-first sequences")
     tokenizer_id: str = option("", "the image tokenizer whose token datasets this prior models")
@@ -88,10 +91,15 @@ class Batch:
 
 
 class TextPrior(nn.Module):
-    def __init__(self, cfg: TextPriorConfig):
+    def __init__(self, cfg: TextPriorConfig, text: TextTokenizer | None = None):
+        """text: the text tokenizer whose ids the vocabulary starts with (needed for prompts and
+        captions as strings; its id must be the vocabulary's)."""
         super().__init__()
         self.cfg = cfg
         self.vocab = v = cfg.vocab
+        if text is not None and text.id != v.text_tokenizer_id:
+            raise ValueError(f"text tokenizer {text.id[:20]} is not this prior's ({v.text_tokenizer_id[:20]})")
+        self.text = text
         self.tokenizer_path = ""
         self.tok_emb = nn.Embedding(v.size, cfg.n_embd)
         self.pos_emb = nn.Parameter(torch.zeros(cfg.seq_len, cfg.n_embd))
@@ -292,3 +300,86 @@ class TextPrior(nn.Module):
             if stop is not None and bool(done.all()):
                 break
         return out
+
+    # --- strings in and out ---------------------------------------------------------------------
+    def encode_text(self, texts: Sequence[str | None]) -> list[list[int] | None]:
+        """Prompts or captions -> text ids (None and "" stay the empty caption)."""
+        if self.text is None:
+            raise ValueError("this text prior has no text tokenizer attached: load it with TextPrior.load / Prior.load")
+        ids = self.text.encode_batch([t or "" for t in texts])
+        return [i if t else None for i, t in zip(ids, texts)]
+
+    @torch.no_grad()
+    def sample(self, prompts: Sequence[str] | str, *, n: int = 1, cfg_scale: float = 3.0,
+               negative_prompt: str | None = None, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+               seed: int | None = None, batch_size: int = 256, tokenizer=None, decode: bool = True) -> Samples:
+        """n samples for each prompt (prompt by prompt: all of the first, then the second, ...),
+        guided against the empty caption (or negative_prompt) at cfg_scale; the pictures through
+        the image tokenizer (decode=True)."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts or n < 1 or batch_size < 1:
+            raise ValueError(f"need at least one prompt (got {len(prompts)}), n {n} >= 1 and batch_size {batch_size} >= 1")
+        tok = self.load_tokenizer(tokenizer) if decode else None  # fail before sampling, not after
+        rows = [p for p in prompts for _ in range(n)]
+        ids = self.encode_text(rows)
+        negative = self.encode_text([negative_prompt] * len(rows)) if negative_prompt else None
+        gen = torch.Generator(device=self.pos_emb.device)
+        gen.manual_seed(seed) if seed is not None else gen.seed()
+        was = self.training
+        self.eval()
+        out = [self.generate(ids[i:i + batch_size], cfg_scale=cfg_scale, temperature=temperature, top_k=top_k,
+                             top_p=top_p, generator=gen, negative_ids=None if negative is None else negative[i:i + batch_size])
+               .cpu() for i in range(0, len(rows), batch_size)]
+        self.train(was)
+        tokens = torch.cat(out)
+        images = tok.decode(tokens) if tok is not None else None
+        return Samples(tokens, torch.full((len(rows),), -1, dtype=torch.long), images, rows)
+
+    def captions(self, tokens, *, greedy: bool = True, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int | None = None, batch_size: int = 256) -> list[str]:
+        """Captions (strings) for (B, h, w) token grids: needs a prior trained with --order both."""
+        if self.cfg.orders != "both":
+            raise ValueError("this prior was trained on text-first sequences only: it cannot caption (train it with "
+                             "--order both)")
+        tokens = torch.as_tensor(np.asarray(tokens))
+        gen = torch.Generator(device=self.pos_emb.device)
+        gen.manual_seed(seed) if seed is not None else gen.seed()
+        ids = []
+        for i in range(0, len(tokens), batch_size):
+            ids += self.caption(tokens[i:i + batch_size], greedy=greedy, temperature=temperature, top_k=top_k,
+                                top_p=top_p, generator=gen)
+        return [self.text.decode(i) for i in ids]
+
+    # --- the bundle -----------------------------------------------------------------------------
+    def save(self, path, *, tokenizer_path: str = "", extra: dict | None = None) -> str:
+        """The prior bundle (models/prior.py's format, "kind": "text"), its text tokenizer inside
+        config.json (a tokenizer.json's text; nothing for "bytes"), so prompts need no other file."""
+        text = None
+        if self.text is not None:
+            text = {"id": self.text.id, "kind": self.text.kind, "name": self.text.name,
+                    "json": None if self.text.raw is None else self.text.raw.decode("utf-8")}
+        config = {"format": PRIOR_FORMAT, "format_version": TEXT_PRIOR_VERSION, "kind": "text",
+                  "model": self.cfg.to_dict(), "text_tokenizer": text,
+                  "tokenizer": {"id": self.cfg.tokenizer_id, "path": tokenizer_path}} | (extra or {})
+        prior_id = write_bundle(path, config, self.state_dict())
+        self.tokenizer_path = tokenizer_path
+        return prior_id
+
+    @classmethod
+    def from_bundle(cls, config: dict, weights_bytes: bytes, where: str) -> "TextPrior":
+        """Prior.load's half for text priors."""
+        cfg = TextPriorConfig.from_dict(config["model"], where=f"{where}/config.json model")
+        t = config.get("text_tokenizer") or {}
+        text = None
+        if t.get("kind") == "bytes":
+            text = TextTokenizer.load("bytes")
+        elif t.get("json"):
+            text = TextTokenizer.from_json(t["json"], name=t.get("name", "tokenizer.json"), where=where)
+        prior = cls(cfg, text)
+        prior.load_state_dict(load_weights(weights_bytes))
+        prior.tokenizer_path = config.get("tokenizer", {}).get("path", "")
+        return prior
+
+    def load_tokenizer(self, tokenizer=None):
+        """The image tokenizer this prior was trained for (models/prior.py find_tokenizer)."""
+        return find_tokenizer(self.cfg.tokenizer_id, self.tokenizer_path, tokenizer)

@@ -90,6 +90,7 @@ class TextTokenizer:
         self.id = id
         self.name = name
         self._tok = tokenizer  # tokenizers.Tokenizer, None for bytes until hf() builds it
+        self.raw: bytes | None = None  # a tokenizer.json's bytes (from_json)
         if tokenizer is not None:
             tokenizer.encode_special_tokens = True  # special-token text in a caption stays text
             vocab = tokenizer.get_vocab(with_added_tokens=True)
@@ -136,6 +137,7 @@ class TextTokenizer:
         model = type(tok.model).__name__
         text = cls("hf", tok, id="sha256:" + hashlib.sha256(raw).hexdigest(), name=name)
         text.name = f"{name} ({model}, {text.vocab_size} ids)"
+        text.raw = raw  # the file's bytes: what the id hashes, kept so it can be written out unchanged
         return text
 
     @classmethod

@@ -109,3 +109,30 @@ def test_a_small_model_learns_text_to_image_and_back():
     with_caption = model.image_nats(caps, grids).sum()
     without = model.image_nats([None, None], grids).sum()
     assert with_caption < without  # the caption carries information about the image
+
+
+def test_the_bundle_round_trips_with_its_text_tokenizer(tmp_path, bundle):
+    """Prior.load gives back a text prior (kind "text"), its text tokenizer inside; a BPE's file id
+    survives, and samples from prompts decode through the image tokenizer."""
+    from vqtok.models.prior import Prior
+    from vqtok.models.text_tokenizer import TextTokenizer, train_bpe
+    from vqtok.models.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(bundle)
+    bpe = TextTokenizer.from_hf(train_bpe(["a dark shirt", "a light boot", "a bag"] * 20, 300))
+    for text in (TextTokenizer.load("bytes"), bpe):
+        vocab = Vocabulary(text_vocab_size=text.vocab_size, text_tokenizer_id=text.id,
+                           codebook_size=tok.config.codebook_size, grid=tok.grid, image_tokenizer_id=tok.id,
+                           max_text_tokens=16)
+        model = TextPrior(TextPriorConfig(vocabulary=vocab.to_dict(), n_layer=1, n_head=2, n_embd=16, orders="both"), text)
+        model.save(tmp_path / text.kind, tokenizer_path=str(bundle))
+        back = Prior.load(tmp_path / text.kind)
+        assert isinstance(back, TextPrior) and back.text.id == text.id and back.vocab == vocab
+        assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
+        s = back.sample(["a dark shirt", "a bag"], n=2, seed=0)
+        assert s.prompts == ["a dark shirt"] * 2 + ["a bag"] * 2 and s.images.shape[0] == 4
+        assert torch.equal(s.images, tok.decode(s.tokens))
+        assert torch.equal(back.sample(["a dark shirt", "a bag"], n=2, seed=0).tokens, s.tokens)  # seeded
+        assert len(back.captions(s.tokens, seed=0)) == 4
+    with pytest.raises(ValueError, match="not this prior's"):
+        TextPrior(back.cfg, TextTokenizer.load("bytes"))
