@@ -94,3 +94,10 @@ clean:
 .PHONY: bench-trace
 bench-trace: $(STAMP)
 	$(BIN)/python benchmarks/trace_path.py $(TRACE_ARGS)
+
+# captions on real data (openclipart's 8,121 titled drawings, rendered once into benchmarks/out/captions):
+# tokenize with vs without captions, train-text-tokenizer on the titles, export-lm at N and 10N rows;
+# about 10 minutes on 2 cores. CAPTIONS_ARGS: e.g. --only tokenize
+.PHONY: bench-captions
+bench-captions: $(STAMP)
+	$(BIN)/python benchmarks/captions.py $(CAPTIONS_ARGS)

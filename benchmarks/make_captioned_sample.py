@@ -32,7 +32,8 @@ KEY is img2dataset's: the shard number (5 digits) then the index in the shard (4
 Choice (deterministic): the SVGs sorted by path; --odd K of them have odd titles, taken in turn from
 each kind (control characters, empty, spaces at an end, '&', non-ASCII), spread evenly within it;
 the rest are spread evenly over the others; `--count all` takes every drawing. A drawing rsvg-convert cannot render is
-left out and listed in index.json (none of the 8,121 fails with rsvg-convert 2.54).
+left out and listed in index.json: 3 of the 8,121 with rsvg-convert 2.54.7 (malformed XML that
+Python's parser reads: an xmlns:xlink of '&#38;#38;...ns_xlink;', a bad XML declaration).
 """
 from __future__ import annotations
 
