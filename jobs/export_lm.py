@@ -286,7 +286,8 @@ def _run_tasks(cfg, spec, text_spec, fs, root, out, manifest, todo, say) -> tupl
     waiting = list(todo)
     in_flight: dict = {}
     done = rows = images = ids = 0
-    t_start = t_report = t_saved = time.time()
+    t_start = t_report = time.time()
+    t_saved = 0.0  # the first finished part is recorded at once, then at most every MANIFEST_EVERY seconds
     dirty = False
     while waiting or in_flight:
         while waiting and len(in_flight) < cfg.workers:
