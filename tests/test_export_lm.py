@@ -39,7 +39,7 @@ WORDS = "a red blue dress shirt photographed on white background with 東京 �
 # Helpers
 # ----------------------------------------------------------------------------------------------
 def make_dataset(path, n_parts: int, rows: int, *, seed: int = 0, start: int = 0, grid=(4, 4), k: int = 64,
-                 captions: bool = True, drop: bool = False):
+                 captions: bool = True, drop: bool = False, signature: str = "s"):
     """A token dataset written by the real TokenWriter: units /in/unit-NNN.tar (start .. start+n_parts),
     random codes, random captions (1 in 10 null) and labels."""
     from vqtok.pipeline import token_format as fmt
@@ -48,7 +48,7 @@ def make_dataset(path, n_parts: int, rows: int, *, seed: int = 0, start: int = 0
 
     meta = fmt.dataset_metadata(codebook_size=k, tokenizer_id="image-tok", grid=grid, preprocess={"p": 1},
                                 vqtok_version="test")
-    units = [Unit(url=f"/in/unit-{i:03d}.tar", kind="tar", signature="s") for i in range(start, start + n_parts)]
+    units = [Unit(url=f"/in/unit-{i:03d}.tar", kind="tar", signature=signature) for i in range(start, start + n_parts)]
     with tw.TokenWriter.open(str(path), meta, units, removed="drop" if drop else "keep") as w:
         for unit, index in w.pending(units):
             rng = np.random.default_rng([seed, int(unit.url[-7:-4])])
@@ -264,14 +264,16 @@ def test_packed_rows_are_exactly_seq_len_and_unpack_to_the_unpacked_rows(tmp_pat
 
 def test_packer_never_splits_and_pads_exactly():
     p = lm.Packer(10, pad=-1)
-    for key, n in [("a", 4), ("b", 4), ("c", 3), ("d", 10), ("e", 1)]:
+    for key, n in [("a", 4), ("b", 4), ("c", 3), ("d", 10), ("e", 1), ("f", 6), ("g", 3), ("h", 2)]:
         p.add(key, "text-first", np.arange(n, dtype=np.int32) + 100)
     p.finish()
     t = p.take().to_pylist()
-    assert [r["keys"] for r in t] == [["a", "b"], ["c"], ["d"], ["e"]]
-    assert [r["starts"] for r in t] == [[0, 4], [0], [0], [0]]
+    assert [r["keys"] for r in t] == [["a", "b"], ["c"], ["d"], ["e", "f", "g"], ["h"]]  # e+f+g fill a row exactly
+    assert [r["starts"] for r in t] == [[0, 4], [0], [0], [0, 1, 7], [0]]
+    assert [r["lengths"] for r in t] == [[4, 4], [3], [10], [1, 6, 3], [2]]
     assert t[0]["input_ids"] == [100, 101, 102, 103, 100, 101, 102, 103, -1, -1]
-    assert t[3]["input_ids"] == [100] + [-1] * 9
+    assert t[3]["input_ids"] == [100, 100, 101, 102, 103, 104, 105, 100, 101, 102]
+    assert t[4]["input_ids"] == [100, 101] + [-1] * 8
     with pytest.raises(DataError, match=r"sample 'x' \(text-first\) is 11 ids, longer than --pack 10"):
         p.add("x", "text-first", np.zeros(11, np.int32))
 
@@ -347,10 +349,20 @@ def test_a_dataset_that_gained_a_part_exports_only_that_part(tmp_path, ray_local
     assert all(after[f"data/part-00000{i}.parquet"] == before[f"data/part-00000{i}.parquet"] for i in range(3))
     export_lm(tokens, "bytes", tmp_path / "clean", pack=200, verbose=False)
     assert tree(out) == tree(tmp_path / "clean")
-    # a part whose source part is gone is removed
+    # a source part re-tokenized (its unit's input changed): that part is redone, the others stay
+    make_dataset(tokens, 1, 40, start=1, seed=7, signature="edited")
+    before = mtimes(out)
+    r = export_lm(tokens, "bytes", out, pack=200, verbose=False)
+    assert (r.parts_run, r.parts_skipped) == (1, 3)
+    after = mtimes(out)
+    assert [n for n in before if n.startswith("data/") and after[n] != before[n]] == ["data/part-000001.parquet"]
+    export_lm(tokens, "bytes", tmp_path / "clean1", pack=200, verbose=False)
+    assert tree(out) == tree(tmp_path / "clean1")
+    # parts whose source part is gone are removed (unit-001 is also re-tokenized back: its signature is "s" again)
     make_dataset(tokens, 2, 40, drop=True)
     r = export_lm(tokens, "bytes", out, pack=200, verbose=False)
-    assert (r.parts_run, r.parts_removed, r.parts) == (0, 2, 2)
+    assert (r.parts_run, r.parts_removed, r.parts) == (1, 2, 2)
+    assert sorted(os.listdir(out / "data")) == ["part-000000.parquet", "part-000001.parquet"]
     export_lm(tokens, "bytes", tmp_path / "clean2", pack=200, verbose=False)
     assert tree(out) == tree(tmp_path / "clean2")
 
