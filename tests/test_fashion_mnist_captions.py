@@ -47,7 +47,7 @@ def test_captions_are_deterministic_and_one_per_image(t10k):
 
 
 def test_every_caption_names_its_garment_by_a_training_phrasing(t10k):
-    images, labels, caps = t10k
+    _, labels, caps = t10k
     used = {c: set() for c in fm.GARMENT_PHRASES}
     for cap, label in zip(caps, labels):
         label = int(label)
