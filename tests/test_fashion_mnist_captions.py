@@ -241,3 +241,17 @@ def test_the_captions_file_is_part_of_the_unit_only_when_it_exists(tmp_path, bun
     assert unit2.signature == unit.signature
     r = tokenize(bundle, str(d), out, verbose=False, changed_inputs="redo")
     assert len(r.plan.changed) == 1 and _captions(out) == [None] * 300
+
+
+def test_the_judge_classifier_shares_the_captioners_measures():
+    """benchmarks/fmnist_classifier.py judges samples by the captioner's own definitions (imported,
+    not copied); its API takes uint8 (N, 28, 28) images. (Training it takes minutes: not run here.)"""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import fmnist_classifier as clf
+
+    assert clf.garment_brightness is fm.garment_brightness and clf.garment_of is fm.garment_of
+    images = read_idx(str(SAMPLE_DIR / "t10k-images-idx3-ubyte.gz"))[:5]
+    got = clf.classify(clf.FashionCNN(), images)
+    assert got.shape == (5,) and got.dtype == np.int64 and ((0 <= got) & (got < 10)).all()
+    with pytest.raises(ValueError, match=r"\(N, 28, 28\)"):
+        clf.classify(clf.FashionCNN(), images[:, :14])
