@@ -135,7 +135,7 @@ def _load_text(spec: str) -> tuple[TextTokenizer, tuple[str, bytes]]:
     try:
         text = TextTokenizer.from_json(data, name="/".join(path.split("/")[-2:]), where=spec)
     except ConfigError as e:
-        raise ConfigError(f"--{e}" if str(e).startswith("text tokenizer") else str(e)) from None
+        raise ConfigError(str(e).replace("text tokenizer", "--text-tokenizer", 1)) from None
     return text, ("hf", data)
 
 
