@@ -2,6 +2,11 @@
 `vqtok.sample(...)`.
 
     result = sample(SampleConfig(prior="runs/prior", n=64, classes="3", cfg_scale=2.0, out="grid.png"))
+    result = sample(prior="runs/text-prior", prompts=["a dark ankle boot", "a light bag"], n=8, cfg_scale=3.0)
+
+A text prior (trained with --text-tokenizer) samples --n images for each --prompt (repeatable; or
+--prompts-file, one per line), guided against the empty caption, or against --negative-prompt; its
+grid has one row per prompt with the prompt written beside it.
 
 KV-cache sampling in batches on the prior's device, then decoding through the tokenizer the prior
 records (its id is checked; --tokenizer gives a new location). Writes the grid PNG (one row per
@@ -22,7 +27,8 @@ import torch
 from ..models.bundle import vqtok_version
 from ..models.config import Config, ConfigError, option
 from ..models.prior import Prior, Samples
-from ..pipeline.viz import save_sample_grid
+from ..models.text_prior import TextPrior
+from ..pipeline.viz import save_prompt_grid, save_sample_grid
 from .options import Command, job_main
 from .rundir import save_json
 from .trainer import resolve_device
@@ -33,13 +39,17 @@ class SampleConfig(Config):
     WHAT = "sample config"
     prior: str = option("", "the prior's run directory (the --out of vqtok train-prior)")
     out: str = option("samples.png", "the grid PNG")
-    n: int = option(64, "samples")
+    n: int = option(64, "samples (a text prior: samples per prompt)")
+    prompts: list[str] = option(help="text prior: a prompt (repeat for several; one grid row each)", factory=list,
+                                flag="--prompt")
+    prompts_file: str = option("", "text prior: a file of prompts, one per line")
+    negative_prompt: str = option("", "text prior: guide away from this text instead of the empty caption")
     classes: str | int | None = option(None, "class C, a list C1,C2, 'all' (default for class-conditional priors: every "
                                              "class, one grid row each) or 'none' (unconditional)", flag="--class")
     temperature: float = option(1.0, "softmax temperature")
     top_k: int = option(0, "keep the k most likely codes (0: off)")
     top_p: float = option(1.0, "nucleus sampling mass (1: off)")
-    cfg_scale: float = option(1.0, "classifier-free guidance scale (1: no guidance)")
+    cfg_scale: float | None = option(None, "classifier-free guidance scale (1: no guidance; default 1, a text prior 3)")
     seed: int = option(0, "sampling seed")
     batch_size: int = option(256, "samples generated together")
     tokenizer: str = option("", "the tokenizer bundle, when it moved from where the prior records")
@@ -58,8 +68,14 @@ class SampleConfig(Config):
             raise ConfigError(f"--top-p {self.top_p}: must be in (0, 1] (1: off)")
         if self.top_k < 0:
             raise ConfigError(f"--top-k {self.top_k}: must be 0 (off) or more")
-        if self.cfg_scale < 0:
+        if self.cfg_scale is not None and self.cfg_scale < 0:
             raise ConfigError(f"--cfg-scale {self.cfg_scale}: must be >= 0 (1: no guidance)")
+        if self.prompts_file:
+            try:
+                with open(self.prompts_file, encoding="utf-8") as f:
+                    self.prompts = list(self.prompts) + [line.rstrip("\n") for line in f if line.strip()]
+            except OSError as e:
+                raise ConfigError(f"--prompts-file {self.prompts_file}: {e.strerror}") from None
         if self.save_tokens and not self.save_tokens.endswith((".npy", ".parquet")):
             raise ConfigError(f"--save-tokens {self.save_tokens}: name a .npy or .parquet file")
 
@@ -80,6 +96,10 @@ def sample(cfg: SampleConfig | None = None, **options) -> SampleResult:
         prior = Prior.load(cfg.prior, device=resolve_device(cfg.device))
     except ValueError as e:
         raise ConfigError(f"--prior {cfg.prior}: {e}") from None
+    if isinstance(prior, TextPrior):
+        return _sample_text(cfg, prior, t0)
+    if cfg.prompts or cfg.negative_prompt:
+        raise ConfigError(f"--prompt: {cfg.prior} is a class prior (trained without --text-tokenizer); use --class")
     labels = _labels(cfg, prior)
     try:
         tokenizer = prior.load_tokenizer(cfg.tokenizer or None)
@@ -91,16 +111,45 @@ def sample(cfg: SampleConfig | None = None, **options) -> SampleResult:
     print(f"vqtok sample: {cfg.n} samples ({what}) from {cfg.prior} (temperature {cfg.temperature:g}, top-k "
           f"{cfg.top_k or 'off'}, top-p {cfg.top_p:g}, cfg-scale {cfg.cfg_scale:g}, seed {cfg.seed})", flush=True)
     s = prior.sample(cfg.n, classes=labels, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                     cfg_scale=cfg.cfg_scale, seed=cfg.seed, batch_size=cfg.batch_size, tokenizer=tokenizer)
+                     cfg_scale=1.0 if cfg.cfg_scale is None else cfg.cfg_scale, seed=cfg.seed, batch_size=cfg.batch_size,
+                     tokenizer=tokenizer)
     grid = save_sample_grid(s.images.numpy(), s.labels.numpy(), cfg.out)
+    return _write(cfg, s, prior, grid, t0)
+
+
+def _sample_text(cfg: SampleConfig, prior: TextPrior, t0: float) -> SampleResult:
+    if cfg.classes is not None:
+        raise ConfigError(f"--class {cfg.classes}: {cfg.prior} is a text prior: give --prompt TEXT instead")
+    if not cfg.prompts:
+        raise ConfigError(f"--prompt is required: {cfg.prior} is a text prior (give --prompt TEXT, repeatable, or "
+                          f"--prompts-file FILE; --prompt '' samples unconditionally)")
+    try:
+        tokenizer = prior.load_tokenizer(cfg.tokenizer or None)
+    except ValueError as e:
+        raise ConfigError(f"--tokenizer {cfg.tokenizer or prior.tokenizer_path}: {e}") from None
+    tokenizer.to(next(prior.parameters()).device)
+    scale = 3.0 if cfg.cfg_scale is None else cfg.cfg_scale
+    print(f"vqtok sample: {cfg.n} samples for each of {len(cfg.prompts)} prompts from {cfg.prior} (cfg-scale {scale:g} "
+          f"against {'the negative prompt' if cfg.negative_prompt else 'the empty caption'}, temperature "
+          f"{cfg.temperature:g}, top-k {cfg.top_k or 'off'}, top-p {cfg.top_p:g}, seed {cfg.seed})", flush=True)
+    s = prior.sample(cfg.prompts, n=cfg.n, cfg_scale=scale, negative_prompt=cfg.negative_prompt or None,
+                     temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p, seed=cfg.seed,
+                     batch_size=cfg.batch_size, tokenizer=tokenizer)
+    grid = save_prompt_grid(s.images.numpy(), s.prompts, cfg.out)
+    return _write(cfg, s, prior, grid, t0)
+
+
+def _write(cfg: SampleConfig, s: Samples, prior, grid: str, t0: float) -> SampleResult:
+    """The per-sample PNGs and tokens asked for, how they were drawn (beside the grid), a summary."""
+    n = len(s.tokens)
     images_dir = _save_images(s, cfg.save_images) if cfg.save_images else None
     tokens_file = _save_tokens(s, cfg.save_tokens, prior) if cfg.save_tokens else None
     save_json(cfg.to_dict() | {"prior_tokenizer_id": prior.cfg.tokenizer_id},
               Path(grid).with_suffix(".json"))  # how these samples were drawn, beside the grid
     seconds = time.time() - t0
-    print(f"vqtok sample: wrote {grid}" + (f", {cfg.n} PNGs in {images_dir}" if images_dir else "")
+    print(f"vqtok sample: wrote {grid}" + (f", {n} PNGs in {images_dir}" if images_dir else "")
           + (f", token grids in {tokens_file}" if tokens_file else "")
-          + f" ({seconds:.1f}s, {cfg.n / seconds:.1f} samples/s)", flush=True)
+          + f" ({seconds:.1f}s, {n / seconds:.1f} samples/s)", flush=True)
     return SampleResult(grid, s, images_dir, tokens_file, seconds)
 
 
@@ -148,10 +197,13 @@ def _save_tokens(s: Samples, path: str, prior: Prior) -> str:
     from ..pipeline.token_format import dataset_metadata, part_table
 
     c = prior.cfg
-    meta = dataset_metadata(codebook_size=c.codebook_size, tokenizer_id=c.tokenizer_id, grid=(c.grid_h, c.grid_w),
-                            preprocess={}, vqtok_version=vqtok_version())
+    h, w = s.tokens.shape[1:]
+    k = prior.vocab.codebook_size if isinstance(prior, TextPrior) else c.codebook_size
+    meta = dataset_metadata(codebook_size=k, tokenizer_id=c.tokenizer_id, grid=(h, w), preprocess={},
+                            vqtok_version=vqtok_version())
     labels = [lab if lab >= 0 else None for lab in s.labels.tolist()]
-    table = part_table(meta, [f"sample-{i:05d}" for i in range(len(labels))], s.tokens.numpy(), labels, "vqtok sample")
+    table = part_table(meta, [f"sample-{i:05d}" for i in range(len(labels))], s.tokens.numpy(), labels, "vqtok sample",
+                       captions=s.prompts)  # a text prior's samples: the prompt as the caption
     pq.write_table(table, p, compression="zstd")
     return str(p)
 

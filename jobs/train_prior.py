@@ -37,12 +37,15 @@ import torch.nn as nn
 from ..models.bundle import bundle_id, vqtok_version
 from ..models.config import ConfigError, option
 from ..models.prior import Prior, PriorConfig, PriorShape, bits
+from ..models.text_prior import IMAGE_FIRST, TEXT_FIRST, TextPrior, TextPriorConfig
+from ..models.text_tokenizer import TextTokenizer
+from ..models.vocabulary import Vocabulary
 from ..pipeline.errors import DataError
 from ..pipeline.sources import split_patterns
 from ..pipeline.token_format import Part
 from ..pipeline.sharded_stream import TokenStream
 from ..pipeline.token_dataset import TokenCorpus
-from ..pipeline.viz import save_sample_grid, save_training_curves
+from ..pipeline.viz import save_prompt_grid, save_sample_grid, save_training_curves
 from .options import Command, job_main
 from .progress import fmt_duration
 from .trainer import Built, Task, TrainingOptions, TrainSummary, launch
@@ -55,6 +58,13 @@ class PriorTrainConfig(TrainingOptions):
     val_tokens: list[str] = option(help="held-out token dataset(s) for bits per token", factory=list)
     tokenizer: str = option("", "tokenizer bundle (default: where the token dataset says it was read from)")
     num_classes: int | None = option(None, "classes (default: max label + 1 from the data; 0: unconditional)")
+    text_tokenizer: str = option("", "train a text prior on the captions: \"bytes\" or a Hugging Face tokenizer.json "
+                                     "(e.g. from vqtok train-text-tokenizer); labels are then ignored")
+    order: str = option("text-first", "text prior: text-first, or both (each image also image-first, so the prior "
+                                      "captions too)")
+    max_text_tokens: int = option(64, "text prior: captions are cut to their first N text ids (counted)")
+    caption_dropout: float = option(0.1, "text prior: probability a caption is replaced by the empty one (guidance)")
+    text_loss_weight: float = option(0.0, "text prior: weight of the caption's own loss in text-first sequences")
     model: PriorShape = option(factory=PriorShape, cli=False)  # its fields are flags of their own: --n-layer, ...
     batch_size: int = option(64, "token grids per step, over all workers")
     lr: float = option(1e-3, "peak AdamW learning rate")
@@ -103,6 +113,16 @@ class PriorTrainConfig(TrainingOptions):
             raise ConfigError(f"--dropout {m.dropout} and --class-dropout {m.class_dropout} must be in [0, 1)")
         if self.num_classes is not None and self.num_classes < 0:
             raise ConfigError(f"--num-classes {self.num_classes}: 0 (unconditional) or more")
+        if self.order not in (TEXT_FIRST, "both"):
+            raise ConfigError(f"--order {self.order!r}: expected text-first or both")
+        if not self.text_tokenizer and self.order != TEXT_FIRST:
+            raise ConfigError(f"--order {self.order}: only for a text prior (give --text-tokenizer bytes or a "
+                              f"tokenizer.json)")
+        if self.max_text_tokens < 1:
+            raise ConfigError(f"--max-text-tokens {self.max_text_tokens}: must be at least 1")
+        if not 0 <= self.caption_dropout < 1 or self.text_loss_weight < 0:
+            raise ConfigError(f"--caption-dropout {self.caption_dropout} must be in [0, 1) and --text-loss-weight "
+                              f"{self.text_loss_weight} >= 0")
 
 
 @dataclass
@@ -139,11 +159,22 @@ class DataSummary:
 class PriorPayload:
     """What the driver prepares once for every worker."""
 
-    prior: PriorConfig  # the model: its shape from the options, K, grid, classes and tokenizer from the data
+    prior: PriorConfig | TextPriorConfig  # the model: its shape from the options, K, grid, classes/vocabulary
+    # and tokenizer from the data
     parts: list[Part]  # the training parts
     val_parts: list[Part] | None  # --val-tokens' parts (None: evaluate on the training parts)
     data: DataSummary
     tokenizer_path: str  # where the tokenizer is ("" when unknown): recorded in the bundle, used for samples.png
+    text_tokenizer: bytes | None = None  # a text prior's tokenizer.json bytes (None: none, or "bytes")
+
+    @property
+    def is_text(self) -> bool:
+        return isinstance(self.prior, TextPriorConfig)
+
+    def text(self) -> TextTokenizer | None:
+        if not self.is_text:
+            return None
+        return TextTokenizer.from_json(self.text_tokenizer) if self.text_tokenizer else TextTokenizer.load("bytes")
 
 
 def _prepare(cfg: PriorTrainConfig) -> PriorPayload:
@@ -163,15 +194,43 @@ def _prepare(cfg: PriorTrainConfig) -> PriorPayload:
     print(f"vqtok train-prior: unigram entropy {stats.unigram_entropy_bits:.3f} bits/token over {stats.tokens:,} tokens"
           f"{' (a sample: the first ' + format(stats.rows, ',') + ' rows)' if stats.sampled else ''}; "
           f"{stats.codes_used}/{corpus.codebook_size} codes used; "
-          + (f"{num_classes} classes ({stats.labeled_rows:,} labeled rows)" if num_classes else "unconditional")
+          + ("labels ignored (a text prior)" if cfg.text_tokenizer else
+             f"{num_classes} classes ({stats.labeled_rows:,} labeled rows)" if num_classes else "unconditional")
           + f" [{time.time() - t0:.1f}s]", flush=True)
     h, w = corpus.grid
-    prior = PriorConfig(codebook_size=corpus.codebook_size, grid_h=h, grid_w=w, num_classes=num_classes,
-                        tokenizer_id=corpus.tokenizer_id, **cfg.model.to_dict())
+    text_bytes = None
+    if cfg.text_tokenizer:
+        prior, text_bytes = _text_prior(cfg, corpus)
+    else:
+        prior = PriorConfig(codebook_size=corpus.codebook_size, grid_h=h, grid_w=w, num_classes=num_classes,
+                            tokenizer_id=corpus.tokenizer_id, **cfg.model.to_dict())
     data = DataSummary(unigram_entropy_bits=stats.unigram_entropy_bits, codes_used=stats.codes_used,
                        rows=corpus.num_rows, counted_rows=stats.rows, labeled_rows=stats.labeled_rows,
                        datasets=corpus.paths, val_datasets=val.paths if val else [])
-    return PriorPayload(prior, corpus.parts, val.parts if val else None, data, _tokenizer_location(cfg, corpus))
+    return PriorPayload(prior, corpus.parts, val.parts if val else None, data, _tokenizer_location(cfg, corpus),
+                        text_bytes)
+
+
+def _text_prior(cfg: PriorTrainConfig, corpus: TokenCorpus) -> tuple[TextPriorConfig, bytes | None]:
+    """A text prior's config over the one vocabulary (models/vocabulary.py), and its text tokenizer's bytes."""
+    try:
+        text = TextTokenizer.load(cfg.text_tokenizer)
+    except (FileNotFoundError, ConfigError) as e:
+        raise ConfigError(f"--text-tokenizer {cfg.text_tokenizer}: {e}") from None
+    vocab = Vocabulary(text_vocab_size=text.vocab_size, text_tokenizer_id=text.id, codebook_size=corpus.codebook_size,
+                       grid=corpus.grid, image_tokenizer_id=corpus.tokenizer_id, max_text_tokens=cfg.max_text_tokens)
+    counts = [ds.caption_counts() for ds in corpus.datasets]
+    captioned, rows = sum(c["captioned"] for c in counts), sum(c["rows"] for c in counts)
+    print(f"vqtok train-prior: a text prior ({text.name}; vocabulary {vocab.size:,} ids: {text.vocab_size:,} text, "
+          f"5 special, {vocab.codebook_size:,} image); captions: {captioned:,} of {rows:,} rows"
+          + ("" if captioned == rows else f" (the other {rows - captioned:,} train as the empty caption)"), flush=True)
+    if not captioned:
+        print("vqtok train-prior: warning: no row has a caption: the prior will learn images only (tokenize a "
+              "captioned corpus: .txt members, a caption column, NAME.txt sidecars)", flush=True)
+    prior = TextPriorConfig(vocabulary=vocab.to_dict(), orders=cfg.order, caption_dropout=cfg.caption_dropout,
+                            text_loss_weight=cfg.text_loss_weight, tokenizer_id=corpus.tokenizer_id,
+                            text_tokenizer=cfg.text_tokenizer, **cfg.model.to_dict())
+    return prior, text.raw
 
 
 def _tokenizer_location(cfg: PriorTrainConfig, corpus: TokenCorpus) -> str:
@@ -202,8 +261,8 @@ class _LossOf(nn.Module):
         super().__init__()
         self.prior = prior
 
-    def forward(self, tokens: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
-        return self.prior.loss(tokens, labels)
+    def forward(self, *args) -> torch.Tensor:
+        return self.prior.loss(*args)
 
 
 class PriorTask(Task[PriorTrainConfig, PriorPayload]):
@@ -216,7 +275,11 @@ class PriorTask(Task[PriorTrainConfig, PriorPayload]):
 
     def __init__(self, cfg: PriorTrainConfig, payload: PriorPayload, ctx):
         super().__init__(cfg, payload, ctx)
-        self.grid = (payload.prior.grid_h, payload.prior.grid_w)
+        self.text = payload.text()  # a text prior's text tokenizer (None for class priors)
+        self.grid = tuple(payload.prior.vocab.grid) if payload.is_text else (payload.prior.grid_h, payload.prior.grid_w)
+        self.n_tokens = self.grid[0] * self.grid[1]
+        self.text_counts = {"rows": 0, "empty": 0, "truncated": 0}  # text prior: rows trained on, this run
+        self.final_empty_bits = float("nan")  # text prior: held-out bits per image token, empty caption
         self.eval_every = cfg.eval_every
         self.eval_history: list[dict] = []  # held-out bits at every evaluation
         self.final_bits = float("nan")
@@ -225,7 +288,7 @@ class PriorTask(Task[PriorTrainConfig, PriorPayload]):
     def build(self) -> Built:
         """The prior; AdamW with weight decay on matrices only (not biases, norms, position
         embeddings); DDP wraps the prior's loss."""
-        model = Prior(self.payload.prior).to(self.ctx.device)
+        model = (TextPrior(self.payload.prior, self.text) if self.text else Prior(self.payload.prior)).to(self.ctx.device)
         decay, other = [], []
         for name, p in model.named_parameters():
             (decay if p.dim() >= 2 and not name.endswith(("_emb", "prefix_pos")) else other).append(p)
@@ -243,16 +306,43 @@ class PriorTask(Task[PriorTrainConfig, PriorPayload]):
 
     def describe(self, model: Prior) -> str:
         pc, n = self.payload.prior, sum(p.numel() for p in model.parameters())
+        if self.text:
+            v = pc.vocab
+            return (f"a text prior ({n / 1e6:.2f}M params, {pc.n_layer} layers x {pc.n_embd}, {pc.orders} sequences of "
+                    f"{pc.seq_len} ids: up to {v.max_text_tokens} text, {v.grid[0]}x{v.grid[1]} image; vocabulary "
+                    f"{v.size:,}; caption dropout {pc.caption_dropout})")
         return (f"a prior ({n / 1e6:.2f}M params, {pc.n_layer} layers x {pc.n_embd}, {pc.grid_h}x{pc.grid_w} tokens, "
                 f"K={pc.codebook_size}, {f'{pc.num_classes} classes' if pc.num_classes else 'unconditional'}; "
                 f"{self.cfg.batch_size * pc.n_tokens:,} tokens per step)")
 
     def batches(self, per_rank_batch: int, skip: int):
         stream = TokenStream(self.payload.parts, self.grid, seed=self.cfg.seed, rank=self.ctx.rank,
-                             world_size=self.ctx.world_size, shuffle_buffer=self.cfg.shuffle_buffer)
+                             world_size=self.ctx.world_size, shuffle_buffer=self.cfg.shuffle_buffer,
+                             captions=self.text is not None)
         return stream.batches(per_rank_batch, skip=skip)
 
+    def text_ids(self, captions: list[str | None]) -> list[list[int] | None]:
+        """Captions -> text ids (None: the empty caption), counting empty and cut ones."""
+        ids = self.text.encode_batch([c or "" for c in captions])
+        limit = self.payload.prior.vocab.max_text_tokens
+        self.text_counts["rows"] += len(captions)
+        self.text_counts["empty"] += sum(not c for c in captions)
+        self.text_counts["truncated"] += sum(len(i) > limit for i in ids)
+        return [i if c else None for i, c in zip(ids, captions)]
+
     def loss(self, net, batch):
+        if self.text:
+            tokens = batch.tokens
+            ids = self.text_ids(batch.captions)
+            # --order both: every other row of the stream image-first (by its position in the
+            # stream, so a resumed run continues the same alternation)
+            first = batch.consumed - len(ids)
+            orders = (TEXT_FIRST if self.payload.prior.orders == TEXT_FIRST or (first + i) % 2 == 0 else IMAGE_FIRST
+                      for i in range(len(ids)))
+            loss = net(ids, tokens, list(orders))
+            self.last_train_bits = bits(loss.item())
+            epochs = batch.consumed * self.ctx.world_size / max(self.payload.data.rows, 1)
+            return loss, tokens.numel(), {"bits": self.last_train_bits, "epochs": epochs}
         tokens = batch.tokens.to(self.ctx.device, non_blocking=True)
         labels = batch.labels.to(self.ctx.device) if self.payload.prior.num_classes else None
         loss = net(tokens, labels)
@@ -264,35 +354,48 @@ class PriorTask(Task[PriorTrainConfig, PriorPayload]):
     def evaluate(self, model: Prior, step: int, *, final: bool = False) -> None:
         """Bits per token on the held-out parts (else the training parts): the first --eval-rows
         rows during training, all of them at the end."""
-        val_bits = self.bits_per_token(model, max_rows=None if final else self.cfg.eval_rows)
+        val_bits, empty_bits = self.bits_per_token(model, max_rows=None if final else self.cfg.eval_rows)
         if final:
-            self.final_bits = val_bits
+            self.final_bits, self.final_empty_bits = val_bits, empty_bits
         if not self.ctx.is_main:
             return
-        self.eval_history.append({"step": step, "train_bits": self.last_train_bits, "eval_bits": val_bits})
-        if not final:
+        self.eval_history.append({"step": step, "train_bits": self.last_train_bits, "eval_bits": val_bits}
+                                 | ({"eval_bits_empty_caption": empty_bits} if self.text else {}))
+        if not final and self.text:
+            print(f"vqtok: step {step}: {'held-out' if self.payload.val_parts else 'train-data'} {val_bits:.4f} bits "
+                  f"per image token with the caption, {empty_bits:.4f} with the empty caption (unigram entropy "
+                  f"{self.payload.data.unigram_entropy_bits:.3f})", flush=True)
+        elif not final:
             print(f"vqtok: step {step}: {'held-out' if self.payload.val_parts else 'train-data'} {val_bits:.4f} "
                   f"bits/token (unigram entropy {self.payload.data.unigram_entropy_bits:.3f})", flush=True)
 
     @torch.no_grad()
-    def bits_per_token(self, model: Prior, *, max_rows: int | None) -> float:
-        """Mean bits per token over the evaluation parts (the first max_rows rows of each rank's
-        share), all ranks together. Class conditioning as in training, without class dropout."""
+    def bits_per_token(self, model: Prior | TextPrior, *, max_rows: int | None) -> tuple[float, float]:
+        """Mean bits per image token over the evaluation parts (the first max_rows rows of each
+        rank's share), all ranks together: (as conditioned in training, without dropout; a text
+        prior's with the empty caption, else nan). The difference is what the caption tells."""
         ctx = self.ctx
         was = model.training
         model.eval()
         stream = TokenStream(self.payload.val_parts or self.payload.parts, self.grid, rank=ctx.rank,
-                             world_size=ctx.world_size, shuffle=False)
+                             world_size=ctx.world_size, shuffle=False, captions=self.text is not None)
         limit = None if max_rows is None else max(1, max_rows // ctx.world_size)
-        nats = torch.zeros(2, dtype=torch.float64)  # summed nats, tokens
+        nats = torch.zeros(3, dtype=torch.float64)  # summed nats (conditioned, empty caption), tokens
         for batch in stream.one_pass(self.cfg.batch_size // ctx.world_size * 4, max_rows=limit):
             t = batch.tokens.to(ctx.device)
-            lab = batch.labels.to(ctx.device) if model.cfg.num_classes else None
-            nats[0] += model.loss(t, lab, reduction="sum").double().item()
-            nats[1] += t.numel()
+            if self.text:
+                ids = self.text.encode_batch([c or "" for c in batch.captions])
+                ids = [i if c else None for i, c in zip(ids, batch.captions)]
+                nats[0] += model.image_nats(ids, t).sum().double().item()
+                nats[1] += model.image_nats([None] * len(ids), t).sum().double().item()
+            else:
+                lab = batch.labels.to(ctx.device) if model.cfg.num_classes else None
+                nats[0] += model.loss(t, lab, reduction="sum").double().item()
+            nats[2] += t.numel()
         ctx.comm.all_reduce_sum(nats)
         model.train(was)
-        return bits(float(nats[0] / max(nats[1], 1)))
+        n = max(float(nats[2]), 1.0)
+        return bits(float(nats[0]) / n), (bits(float(nats[1]) / n) if self.text else float("nan"))
 
     # --- the end ------------------------------------------------------------------------------
     def finish(self, model: Prior, run_dir: Path, summary: TrainSummary) -> dict:
@@ -323,7 +426,8 @@ class PriorTask(Task[PriorTrainConfig, PriorPayload]):
             "prior_id": prior_id,
             "tokenizer_id": model.cfg.tokenizer_id,
             "tokenizer_path": tokenizer_path,
-            "num_classes": model.cfg.num_classes,
+            "num_classes": 0 if self.text else model.cfg.num_classes,
+            **({"text": self._text_metrics(final_bits)} if self.text else {}),
             "workers": summary.workers,
             "resumed_from": summary.resumed_from,
             "samples": samples_png,
@@ -331,6 +435,12 @@ class PriorTask(Task[PriorTrainConfig, PriorPayload]):
         where = "held-out" if held_out else "training data (no --val-tokens given)"
         print(f"vqtok: done. {where}: {final_bits:.4f} bits/token vs unigram entropy {unigram:.4f} "
               f"({final_bits / unigram:.2f}x)" if unigram else f"vqtok: done. {where}: {final_bits:.4f} bits/token", flush=True)
+        if self.text:
+            t = metrics["text"]
+            print(f"vqtok: text prior: {final_bits:.4f} bits per image token with the caption, "
+                  f"{self.final_empty_bits:.4f} with the empty caption: the caption tells {t['caption_bits_per_image']:.1f} "
+                  f"bits per image; {t['rows_with_empty_caption']:,} of {t['rows_trained']:,} rows trained had no caption, "
+                  f"{t['captions_truncated']:,} captions were cut to {t['max_text_tokens']} ids", flush=True)
         print(f"vqtok: prior       {prior_dir}  (for tokenizer {model.cfg.tokenizer_id[:16]})", flush=True)
         if samples_png:
             print(f"vqtok: samples     {samples_png}", flush=True)
@@ -339,17 +449,44 @@ class PriorTask(Task[PriorTrainConfig, PriorPayload]):
               f"{summary.train.get('tok_per_s', 0):,.0f} tokens/s at the end)", flush=True)
         return metrics
 
-    def _sample_grid(self, model: Prior, run_dir: Path, tokenizer_path: str) -> str | None:
-        """samples.png: 8 samples per class (one row each), or 8x8 unconditional ones."""
+    def _text_metrics(self, final_bits: float) -> dict:
+        empty = self.final_empty_bits
+        return {"bits_per_image_token_empty_caption": empty,
+                "caption_bits_per_image": (empty - final_bits) * self.n_tokens,  # what the caption tells, in bits
+                "text_tokenizer": self.cfg.text_tokenizer, "text_tokenizer_id": self.text.id,
+                "order": self.payload.prior.orders, "max_text_tokens": self.payload.prior.vocab.max_text_tokens,
+                "caption_dropout": self.payload.prior.caption_dropout,
+                "rows_trained": self.text_counts["rows"], "rows_with_empty_caption": self.text_counts["empty"],
+                "captions_truncated": self.text_counts["truncated"], "vocabulary": self.payload.prior.vocabulary}
+
+    def _sample_grid(self, model: Prior | TextPrior, run_dir: Path, tokenizer_path: str) -> str | None:
+        """samples.png: 8 samples per class (one row each), or 8x8 unconditional ones; a text prior:
+        8 samples for each of the first 8 distinct captions of the evaluation data."""
         try:
             tok = model.load_tokenizer(tokenizer_path or None)
         except (FileNotFoundError, ValueError) as e:
             print(f"vqtok: no samples.png ({e})", flush=True)
             return None
+        if self.text:
+            prompts = self._some_captions(8)
+            s = model.sample(prompts, n=8, seed=self.cfg.seed, tokenizer=tok, cfg_scale=3.0)
+            return save_prompt_grid(s.images.numpy(), s.prompts, run_dir / "samples.png")
         k = model.cfg.num_classes
         classes = np.repeat(np.arange(k), 8) if k else None
         s = model.sample(8 * k if k else 64, classes=classes, seed=self.cfg.seed, tokenizer=tok, cfg_scale=1.5 if k else 1.0)
         return save_sample_grid(s.images.numpy(), s.labels.numpy(), run_dir / "samples.png")
+
+    def _some_captions(self, n: int) -> list[str]:
+        """The first n distinct captions of the evaluation data (else the empty caption)."""
+        seen: dict[str, None] = {}
+        stream = TokenStream(self.payload.val_parts or self.payload.parts, self.grid, shuffle=False, captions=True)
+        for batch in stream.one_pass(256, max_rows=20_000):
+            for c in batch.captions:
+                if c and len(seen) < n:
+                    seen[c] = None
+            if len(seen) >= n:
+                break
+        return list(seen) or [""]
 
     @classmethod
     def result(cls, location: str, metrics: dict) -> PriorResult:

@@ -45,6 +45,28 @@ def save_sample_grid(images: np.ndarray, labels: np.ndarray, path: str | os.Path
     return save_image_grid(rows, path, scale=2 if images.shape[1] <= 64 else 1)
 
 
+def save_prompt_grid(images: np.ndarray, prompts: list[str], path: str | os.PathLike, label_width: int = 220) -> str:
+    """Samples of a text prior: one row per prompt (in the order prompts first appear), the prompt
+    written to the left of its row."""
+    from PIL import ImageDraw, ImageFont
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    order = list(dict.fromkeys(prompts))
+    rows = [images[[i for i, p in enumerate(prompts) if p == q]] for q in order]
+    scale = 2 if images.shape[1] <= 64 else 1
+    save_image_grid(rows, path, scale=scale)
+    grid = Image.open(path).convert("RGB")
+    cell = grid.height / len(rows)
+    out = Image.new("RGB", (grid.width + label_width, grid.height), "white")
+    out.paste(grid, (label_width, 0))
+    draw, font = ImageDraw.Draw(out), ImageFont.load_default()
+    for i, prompt in enumerate(order):
+        text = prompt if len(prompt) <= 34 else prompt[:33] + "…"
+        draw.text((4, int(i * cell + cell / 2 - 6)), text, fill="black", font=font)
+    out.save(path)
+    return str(path)
+
+
 def save_reconstruction_grid(originals: np.ndarray, recons: np.ndarray, path, per_row: int = 16) -> str:
     """Alternating rows: originals, then their reconstructions."""
     n = min(len(originals), 4 * per_row)
