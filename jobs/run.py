@@ -7,13 +7,15 @@
 Stages and where they write (under cfg.out):
     convert      shards/          the images as WebDataset shards (only with convert_shard_size)
     train        tokenizer-run/   `vqtok train-vqvae` (tokenizer-run/tokenizer is the bundle)
-    tokenize     tokens/          `vqtok tokenize`
+    tokenize     tokens/          `vqtok tokenize` (captions and metadata as the tokenize section says)
+    export-lm    export/          `vqtok export-lm` (only with an `export:` section: text_tokenizer, order, pack, ...)
     train-prior  prior/           `vqtok train-prior`
     sample       samples.png      `vqtok sample`
 
 Each stage calls the same function as its CLI command, with that command's config built from the
 section of the same name ("train", "tokenize", "prior", "sample": any option of that command, by
-field name). Both models' options nest under `model:` (`train: {model: {codebook_size: 512}}`,
+field name; the export's from "export"). A text prior: `prior: {text_tokenizer: bytes, order: both}`
+and `sample: {prompts: ["a dark ankle boot", ...]}`. Both models' options nest under `model:` (`train: {model: {codebook_size: 512}}`,
 `prior: {model: {n_layer: 8}}`); files written when the prior's were flat (`prior: {n_layer: 8}`)
 still load. The resolved config is saved as OUT/pipeline.json, and each job saves its own next to
 its outputs.
@@ -31,15 +33,17 @@ from ..pipeline.sources import split_patterns
 from .options import Command, job_main, load_config_file
 from .rundir import save_json
 from .progress import fmt_duration
+from .export_lm import ExportLMConfig, run as run_export
 from .sample import SampleConfig, sample
 from .tokenize import TokenizeConfig, run as run_tokenize
 from .train_prior import PriorTrainConfig, train_prior
 from .train_vqvae import TrainConfig, train_vqvae
 
-STAGES = ("convert", "train", "tokenize", "train-prior", "sample")
+STAGES = ("convert", "train", "tokenize", "export-lm", "train-prior", "sample")
 _FIXED = {  # options each stage takes from the pipeline itself, not from its section
     "train": {"data", "out", "val_data"},
     "tokenize": {"tokenizer", "data", "out"},
+    "export": {"tokens", "out"},
     "prior": {"tokens", "out", "val_tokens"},
     "sample": {"prior", "out"},
 }
@@ -57,6 +61,8 @@ class PipelineConfig(Config):
     tokenize: dict = option(help="tokenize options", factory=dict)
     prior: dict = option(help="train-prior options (model: the prior's model options)", factory=dict)
     sample: dict = option(help="sample options", factory=dict)
+    export: dict = option(help="export-lm options (text_tokenizer, order, pack, ...): the token dataset as LM rows; "
+                               "no section, no export", factory=dict)
 
     def __post_init__(self):
         self.data = split_patterns(self.data) if self.data else []
@@ -71,7 +77,7 @@ class PipelineConfig(Config):
                               f"train-prior) also writes to object-store URLs")
         if self.convert_shard_size < 0:
             raise ConfigError(f"pipeline: convert_shard_size {self.convert_shard_size}: 0 (off) or more")
-        for section in ("train", "tokenize", "prior", "sample"):
+        for section in ("train", "tokenize", "prior", "sample", "export"):
             value = getattr(self, section)
             if not isinstance(value, dict):
                 raise ConfigError(f"pipeline: `{section}` must be a mapping of {section} options, got {value!r}")
@@ -80,7 +86,7 @@ class PipelineConfig(Config):
                 raise ConfigError(f"pipeline.{section}: {fixed} are set by the pipeline (from out, data, val_data); "
                                   f"remove them from the {section} section")
         # build every stage's config now: a bad option fails here, named, before hours of training
-        for stage in ("train", "tokenize", "train-prior", "sample"):
+        for stage in ("train", "tokenize", "train-prior", "sample") + (("export-lm",) if self.export else ()):
             self.stage_config(stage)
 
     # --- where things go ----------------------------------------------------------------------
@@ -89,7 +95,7 @@ class PipelineConfig(Config):
         return Path(self.out)
 
     def path(self, stage: str) -> Path:
-        return self.root / {"convert": "shards", "train": "tokenizer-run", "tokenize": "tokens",
+        return self.root / {"convert": "shards", "train": "tokenizer-run", "tokenize": "tokens", "export-lm": "export",
                             "train-prior": "prior", "sample": "samples.png"}[stage]
 
     @property
@@ -121,8 +127,14 @@ class PipelineConfig(Config):
             if stage == "sample":
                 return SampleConfig.from_dict({**self.sample, "prior": str(self.path("train-prior")),
                                                "out": str(self.path("sample"))})
+            if stage == "export-lm":
+                opts = dict(self.export)
+                opts.setdefault("address", self.address)
+                return ExportLMConfig.from_dict({**opts, "tokens": str(self.path("tokenize")),
+                                                 "out": str(self.path("export-lm"))})
         except ConfigError as e:
-            raise ConfigError(f"pipeline.{'prior' if stage == 'train-prior' else stage}: {e}") from None
+            section = {"train-prior": "prior", "export-lm": "export"}.get(stage, stage)
+            raise ConfigError(f"pipeline.{section}: {e}") from None
         except (TypeError, ValueError) as e:
             raise ConfigError(f"pipeline.{stage}: {e}") from None
         raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
@@ -170,6 +182,8 @@ class Pipeline:
                 return False
             # done when every input unit is committed as it is now (an input changed since is not)
             return all(u.url in committed and not input_changed(committed[u.url], u) for u in list_units(c._inputs()))
+        if stage == "export-lm":
+            return _exported(c.path("export-lm"), c.path("tokenize"))
         if stage == "train-prior":
             return _finished(c.path("train-prior") / "metrics.json", c.stage_config("train-prior").steps)
         if stage == "sample":
@@ -190,7 +204,7 @@ class Pipeline:
         for stage in STAGES:
             if stage not in todo:
                 continue
-            if stage == "convert" and not c.convert_shard_size:
+            if (stage == "convert" and not c.convert_shard_size) or (stage == "export-lm" and not c.export):
                 continue
             if not force and self.done(stage):
                 print(f"vqtok pipeline: {stage}: output exists ({c.path(stage)}), skipping", flush=True)
@@ -224,6 +238,8 @@ class Pipeline:
                 val.data, val.out = c.val_data, str(c.root / "val-tokens")
                 run_tokenize(val)
             return r
+        if stage == "export-lm":
+            return run_export(c.stage_config("export-lm"))
         if stage == "train-prior":
             return train_prior(c.stage_config("train-prior"))
         if stage == "sample":
@@ -236,6 +252,19 @@ def _finished(metrics: Path, steps: int) -> bool:
         return json.loads(metrics.read_text()).get("steps") == steps
     except (FileNotFoundError, json.JSONDecodeError):
         return False
+
+
+def _exported(export: Path, tokens: Path) -> bool:
+    """Complete, and from the token dataset's parts as they are now (by their sha256)."""
+    from ..pipeline.token_dataset import TokenDataset
+
+    try:
+        manifest = json.loads((export / "_export.json").read_text())
+        parts = TokenDataset(tokens).parts
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    exported = {r.get("source_sha256") for r in manifest.get("parts", {}).values()}
+    return bool(manifest.get("complete")) and exported == {p.sha256 for p in parts}
 
 
 def summary(r: PipelineResult) -> str:

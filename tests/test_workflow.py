@@ -30,6 +30,9 @@ def tiny(out: Path) -> PipelineConfig:
     ({"train": {"data": ["x"]}}, "pipeline.train: ['data'] are set by the pipeline"),
     ({"sample": {"top_p": 2}}, "pipeline.sample: --top-p 2: must be in (0, 1]"),
     ({"tokenize": {"workers": 0}}, "pipeline.tokenize: --workers 0: must be at least 1"),
+    ({"export": {"text_tokenizer": "bytes", "order": "sideways"}}, "pipeline.export: --order 'sideways'"),
+    ({"export": {"tokens": "x", "text_tokenizer": "bytes"}}, "pipeline.export: ['tokens'] are set by the pipeline"),
+    ({"prior": {"order": "both"}}, "pipeline.prior: --order both: only for a text prior"),
     ({"data": []}, "pipeline: `data` is required"),
     ({"out": "s3://bucket/run"}, "a pipeline writes under a local (or shared, mounted) directory"),
 ])
@@ -106,6 +109,28 @@ def test_pipeline_runs_every_stage_then_skips_what_exists(tmp_path):
     assert again.ran == [] and again.skipped == ["train", "tokenize", "train-prior", "sample"]
     Path(res.samples).unlink()
     assert Pipeline(cfg).run().ran == ["sample"]
+
+
+@pytest.mark.slow
+def test_a_text_pipeline_tokenizes_captions_exports_and_samples_prompts(tmp_path):
+    """The bundled Fashion-MNIST sample has captions (t10k-captions.txt): tokenize keeps them, the
+    export stage writes LM rows, the prior is a text prior, the samples come from prompts."""
+    import pyarrow.parquet as pq
+
+    cfg = PipelineConfig(out=str(tmp_path / "run"), data=[str(SAMPLE_DIR)], train=dict(TINY_TRAIN),
+                         tokenize={"workers": 1}, export={"text_tokenizer": "bytes", "order": "both"},
+                         prior=dict(TINY_PRIOR, text_tokenizer="bytes"),
+                         sample={"n": 4, "prompts": ["a dark ankle boot", "a light bag"]})
+    res = Pipeline(cfg).run()
+    assert res.ran == ["train", "tokenize", "export-lm", "train-prior", "sample"]
+    ds = TokenDataset(res.tokens)
+    lines = (SAMPLE_DIR / "t10k-captions.txt").read_text(encoding="utf-8").split("\n")
+    assert ds.to_table(["caption"]).column("caption").to_pylist()[:50] == lines[:50]
+    rows = pq.read_table(sorted((tmp_path / "run" / "export" / "data").glob("*.parquet"))[0])
+    assert rows.num_rows > 0 and set(rows.column("order").to_pylist()) == {"text-first", "image-first"}
+    assert json.loads((tmp_path / "run" / "prior" / "metrics.json").read_text())["text"]["order"] == "text-first"
+    assert Image.open(res.samples).size[0] > 0
+    assert Pipeline(cfg).run().ran == []  # every stage done, the export included
 
 
 @pytest.mark.slow
