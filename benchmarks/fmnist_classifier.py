@@ -18,6 +18,11 @@ then dropout, a 128-unit hidden layer and 10 outputs (~420k parameters); Adam wi
 learning rate, batch 128, inputs scaled to [0, 1] and standardised with the train split's mean and
 standard deviation; seeded, so a run gives the same weights on the same machine. Weights go under
 benchmarks/out/ (not committed).
+
+Measured (2026-12-03, 2 cores shared with other test runs, load 5-14): 91.86% test accuracy after 4
+epochs (87.8, 89.6, 91.3, 91.9 by epoch); 19 min wall, 8.4 CPU-minutes (user + sys) with 2 threads,
+so about 4-5 minutes on an idle 2-core machine (not measured there). Classifying the 10k test
+images takes 3 s.
 """
 from __future__ import annotations
 
