@@ -20,7 +20,7 @@ _EXPORTS = {
     "tokenize": "jobs.tokenize", "TokenizeConfig": "jobs.tokenize", "TokenizeResult": "jobs.tokenize",
     "TrainConfig": "jobs.train_vqvae", "TrainResult": "jobs.train_vqvae", "train_vqvae": "jobs.train_vqvae",
     "train_prior": "jobs.train_prior", "PriorTrainConfig": "jobs.train_prior", "PriorResult": "jobs.train_prior",
-    "sample": "jobs.sample", "SampleConfig": "jobs.sample",
+    "sample": "jobs.sample", "SampleConfig": "jobs.sample", "caption": "jobs.caption", "CaptionConfig": "jobs.caption",
     "import_tokenizer": "jobs.import_tokenizer", "ImportConfig": "jobs.import_tokenizer",
     "Pipeline": "jobs.run", "PipelineConfig": "jobs.run", "demo": "jobs.demo",
     "nearest_code": "kernels",
@@ -49,6 +49,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .jobs.tokenize import TokenizeConfig, TokenizeResult, tokenize
     from .jobs.demo import demo
     from .jobs.sample import SampleConfig, sample
+    from .jobs.caption import CaptionConfig, caption
     from .jobs.import_tokenizer import ImportConfig, import_tokenizer
     from .jobs.run import Pipeline, PipelineConfig
     from .jobs.train_prior import PriorResult, PriorTrainConfig, train_prior
@@ -76,7 +77,7 @@ except Exception:  # pragma: no cover
 __all__ = [
     "TrainConfig", "TrainResult", "train_vqvae", "eval_vqvae", "EvalConfig", "Tokenizer", "VQVAEConfig", "Preprocess",
     "tokenize", "TokenizeConfig", "TokenizeResult", "TokenDataset",
-    "train_prior", "PriorTrainConfig", "PriorResult", "Prior", "PriorConfig", "sample", "SampleConfig",
+    "train_prior", "PriorTrainConfig", "PriorResult", "Prior", "PriorConfig", "sample", "SampleConfig", "caption", "CaptionConfig",
     "Pipeline", "PipelineConfig", "demo",
     "nearest_code", "convert", "list_units", "ConfigError", "DataError", "__version__",
     "train_text_tokenizer", "TextTokenizerConfig", "decode_sequence", "TextTokenizer", "Vocabulary",

@@ -9,9 +9,8 @@ import argparse
 import sys
 from dataclasses import dataclass
 
-from .jobs import demo, eval_vqvae, import_tokenizer, run, sample, tokenize, train_prior, train_vqvae
-from .jobs import decode_sequence, train_text_tokenizer
-from .jobs import export_lm
+from .jobs import caption, decode_sequence, demo, eval_vqvae, export_lm, import_tokenizer, run, sample, tokenize
+from .jobs import train_prior, train_text_tokenizer, train_vqvae
 from .jobs.options import Command, run_command
 from .models.bundle import vqtok_version
 from .models.config import Config, option
@@ -60,7 +59,7 @@ def convert(opts: ConvertOptions) -> int:
 
 COMMANDS = [
     demo.COMMAND, run.COMMAND, train_vqvae.COMMAND, import_tokenizer.COMMAND, eval_vqvae.COMMAND, tokenize.COMMAND,
-    train_prior.COMMAND, sample.COMMAND,
+    train_prior.COMMAND, sample.COMMAND, caption.COMMAND,
     train_text_tokenizer.COMMAND, decode_sequence.COMMAND,
     export_lm.COMMAND,
     Command("inspect", "summary, schema metadata and a few rows of a token dataset", InspectOptions, inspect,

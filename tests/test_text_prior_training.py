@@ -123,3 +123,32 @@ def test_resume_after_kill_equals_a_clean_run(captioned, tmp_path):
     a, b = Prior.load(out).state_dict(), Prior.load(clean).state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert json.loads((out / "metrics.json").read_text())["text"]["rows_trained"] > 0
+
+
+def test_caption_command_writes_a_caption_per_image(trained, tmp_path, fmnist):
+    """`vqtok caption` on real image files: one row per image (key, the prior's caption, the source's
+    own caption); the prior's caption is what Prior.captions gives for the tokens tokenize would make;
+    a class prior is refused by name."""
+    import pyarrow.parquet as pq
+
+    from conftest import png_bytes, write_tar
+
+    images, _ = fmnist
+    members = []
+    for i in range(5):
+        members += [(f"{i}.png", png_bytes(images[i]))] + ([(f"{i}.txt", b"a source caption")] if i == 2 else [])
+    write_tar(tmp_path / "s.tar", members)
+    out = tmp_path / "caps.parquet"
+    p = run_cli("caption", "--prior", trained.run_dir, "--data", str(tmp_path / "s.tar"), "--out", str(out))
+    assert p.returncode == 0, p.stderr[-2000:]
+    t = pq.read_table(out).to_pylist()
+    assert [r["key"] for r in t] == ["0", "1", "2", "3", "4"]
+    assert [r["source_caption"] for r in t] == [None, None, "a source caption", None, None]
+    prior = Prior.load(trained.prior_dir)
+    tok = prior.load_tokenizer()
+    want = prior.captions(tok.encode_file([png_bytes(images[i]) for i in range(5)]))
+    assert [r["caption"] for r in t] == want
+    jsonl = tmp_path / "caps.jsonl"
+    assert run_cli("caption", "--prior", trained.run_dir, "--data", str(tmp_path / "s.tar"), "--out",
+                   str(jsonl)).returncode == 0
+    assert [json.loads(x)["caption"] for x in jsonl.read_text().splitlines()] == want
