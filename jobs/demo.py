@@ -1,7 +1,9 @@
 """`vqtok demo [--out DIR]`: the whole path on the bundled Fashion-MNIST sample, on an embedded
-local Ray, in under 10 minutes on a 2-core CPU: convert the sample to WebDataset shards, train a
-tokenizer on 2 Ray Train workers, tokenize to Parquet, train a class-conditional prior, sample a
-grid. It is a Pipeline (jobs/run.py) with the settings below; a re-run skips what exists.
+local Ray, in under 10 minutes on a 2-core CPU: convert the sample to WebDataset shards (the
+images with their captions, examples/fashion-mnist/t10k-captions.txt), train a tokenizer on 2 Ray
+Train workers, tokenize to Parquet (tokens and captions), export them as LM-ready rows, train a text prior over captions and
+image tokens in one vocabulary (UTF-8 bytes as text ids), and sample a grid from ten prompts. It is
+a Pipeline (jobs/run.py) with the settings below; a re-run skips what exists.
 """
 from __future__ import annotations
 
@@ -14,6 +16,9 @@ from .options import Command, job_main
 from .run import Pipeline, PipelineConfig, PipelineResult
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "fashion-mnist"  # shipped in the wheel too
+# one prompt per garment, in the captions' own words (examples/make_fashion_mnist_captions.py)
+PROMPTS = ["a dark t-shirt", "light trousers", "a pullover", "a dark dress", "a light coat", "a sandal",
+           "a shirt", "a light sneaker", "a dark bag", "an ankle boot"]
 
 
 def demo_config(out: str = "runs/demo", *, quick: bool = False) -> PipelineConfig:
@@ -26,10 +31,12 @@ def demo_config(out: str = "runs/demo", *, quick: bool = False) -> PipelineConfi
         train={"steps": tok_steps, "batch_size": 128, "workers": 2, "log_every": 100 if not quick else 20,
                "checkpoint_every": 500 if not quick else 30},
         tokenize={"workers": 1},
+        export={"text_tokenizer": "bytes", "order": "both"},  # the tokens and captions as LM rows (export/)
         prior={"steps": prior_steps, "batch_size": 64, "model": {"n_layer": 4, "n_head": 4, "n_embd": 128}, "lr": 2e-3,
+               "text_tokenizer": "bytes", "max_text_tokens": 52,  # the longest caption is 51 bytes
                "log_every": 100 if not quick else 20, "eval_every": 500 if not quick else 30,
                "checkpoint_every": 500 if not quick else 30},
-        sample={"n": 100, "cfg_scale": 2.0, "seed": 0},
+        sample={"n": 10, "prompts": PROMPTS, "cfg_scale": 3.0, "seed": 0},
     )
 
 
@@ -44,7 +51,8 @@ class DemoOptions(Config):
     quick: bool = option(False, "a few steps per stage (a smoke test, not a useful model)")
 
 
-COMMAND = Command("demo", "the whole path on the bundled sample: tokenizer, tokens, prior, samples", DemoOptions,
+COMMAND = Command("demo", "the whole path on the bundled sample: tokenizer, tokens with captions, a text prior, "
+                           "samples from prompts", DemoOptions,
                   lambda o: demo(o.out, quick=o.quick), config_file=False)
 
 
