@@ -6,7 +6,8 @@ Where they come from (pipeline/sources.py reads them raw, this module turns them
     Parquet files       the first column named caption, text or txt (any case: LAION's TEXT), or
                         the one named by --caption-column; metadata: the columns --keep-columns names
     image folders       NAME.txt beside NAME.jpg is the caption; NAME.json the metadata
-    IDX files           no captions
+    IDX files           X-captions.txt[.gz] beside X-images-idx3-ubyte[.gz]: line i is image i's
+                        caption (so a caption cannot hold a newline); no metadata
 
 The caption is the source's text exactly, with only these changes (none of which counts as a
 repair): a leading UTF-8 byte-order mark and one trailing line end ("\\n" or "\\r\\n", what editors
