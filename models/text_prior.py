@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ import torch.nn.functional as F
 
 from .bundle import load_weights, write_bundle
 from .config import ConfigError, option
-from .prior import PRIOR_FORMAT, TEXT_PRIOR_VERSION, Block, PriorShape, Samples, find_tokenizer, sample_next
+from .gpt import PRIOR_FORMAT, TEXT_PRIOR_VERSION, Block, PriorShape, Samples, find_tokenizer, sample_next
 from .text_tokenizer import TextTokenizer
 from .vocabulary import Vocabulary
 
