@@ -23,7 +23,7 @@ PROMPTS = ["a dark t-shirt", "light trousers", "a pullover", "a dark dress", "a 
 
 def demo_config(out: str = "runs/demo", *, quick: bool = False) -> PipelineConfig:
     """quick: a shortened setting (for CI): the same stages, a few steps each."""
-    tok_steps, prior_steps = (60, 60) if quick else (1200, 1000)
+    tok_steps, prior_steps = (60, 60) if quick else (1200, 800)
     return PipelineConfig(
         out=out,
         data=[str(SAMPLE)],

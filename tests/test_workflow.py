@@ -89,7 +89,7 @@ def test_an_old_pipeline_file_with_flat_prior_options_loads_as_the_nested_one(tm
     old = PipelineConfig.load(str(tmp_path / "old.yaml")).stage_config("train-prior")
     new = PipelineConfig.load(str(REPO / "examples" / "pipeline-fashion-mnist.yaml")).stage_config("train-prior")
     assert old.model == PriorShape(n_layer=4, n_head=4, n_embd=128)
-    assert old.model == new.model and old.steps == new.steps == 1000 and old.lr == new.lr == 2e-3
+    assert old.model == new.model and old.lr == new.lr == 2e-3 and (old.steps, new.steps) == (1000, 800)
     assert (old.text_tokenizer, new.text_tokenizer) == ("", "bytes")  # the example became a text prior since
     assert "n_layer" not in old.to_dict() and old.to_dict()["model"]["n_embd"] == 128  # saved nested
 
