@@ -54,7 +54,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type[Config], *, config_fi
         dest = _prefix + f.name
         base, is_list = _base_type(hints[f.name])
         default = f.default if f.default is not dataclasses.MISSING else None
-        shown = f" (default {default})" if default not in (None, "", False, True) else ""
+        shown = f" (default {default})" if default is not None and default != "" and not isinstance(default, bool) else ""
         text = md["help"] + shown
         if md.get("positional"):
             parser.add_argument(dest, nargs="+" if is_list else None, help=text, metavar=md.get("metavar") or f.name.upper())

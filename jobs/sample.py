@@ -106,12 +106,13 @@ def sample(cfg: SampleConfig | None = None, **options) -> SampleResult:
     except ValueError as e:
         raise ConfigError(f"--tokenizer {cfg.tokenizer or prior.tokenizer_path}: {e}") from None
     tokenizer.to(next(prior.parameters()).device)
+    scale = 1.0 if cfg.cfg_scale is None else cfg.cfg_scale
     what = ("unconditional" if labels is None else
             f"class {labels[0].item()}" if len(set(labels.tolist())) == 1 else f"{len(set(labels.tolist()))} classes")
     print(f"vqtok sample: {cfg.n} samples ({what}) from {cfg.prior} (temperature {cfg.temperature:g}, top-k "
-          f"{cfg.top_k or 'off'}, top-p {cfg.top_p:g}, cfg-scale {cfg.cfg_scale:g}, seed {cfg.seed})", flush=True)
+          f"{cfg.top_k or 'off'}, top-p {cfg.top_p:g}, cfg-scale {scale:g}, seed {cfg.seed})", flush=True)
     s = prior.sample(cfg.n, classes=labels, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                     cfg_scale=1.0 if cfg.cfg_scale is None else cfg.cfg_scale, seed=cfg.seed, batch_size=cfg.batch_size,
+                     cfg_scale=scale, seed=cfg.seed, batch_size=cfg.batch_size,
                      tokenizer=tokenizer)
     grid = save_sample_grid(s.images.numpy(), s.labels.numpy(), cfg.out)
     return _write(cfg, s, prior, grid, t0)

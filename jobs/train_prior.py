@@ -278,7 +278,7 @@ class PriorTask(Task[PriorTrainConfig, PriorPayload]):
         self.text = payload.text()  # a text prior's text tokenizer (None for class priors)
         self.grid = tuple(payload.prior.vocab.grid) if payload.is_text else (payload.prior.grid_h, payload.prior.grid_w)
         self.n_tokens = self.grid[0] * self.grid[1]
-        self.text_counts = {"rows": 0, "empty": 0, "truncated": 0}  # text prior: rows trained on, this run
+        self.text_counts = {"rows": 0, "empty": 0, "truncated": 0}  # text prior: rows trained on this run (all ranks at the end)
         self.final_empty_bits = float("nan")  # text prior: held-out bits per image token, empty caption
         self.eval_every = cfg.eval_every
         self.eval_history: list[dict] = []  # held-out bits at every evaluation
@@ -357,6 +357,11 @@ class PriorTask(Task[PriorTrainConfig, PriorPayload]):
         val_bits, empty_bits = self.bits_per_token(model, max_rows=None if final else self.cfg.eval_rows)
         if final:
             self.final_bits, self.final_empty_bits = val_bits, empty_bits
+            if self.text:  # every rank counted its own rows: the totals, for metrics.json
+                keys = list(self.text_counts)
+                counts = torch.tensor([self.text_counts[k] for k in keys], dtype=torch.float64)
+                self.ctx.comm.all_reduce_sum(counts)
+                self.text_counts = dict(zip(keys, (int(c) for c in counts.tolist())))
         if not self.ctx.is_main:
             return
         self.eval_history.append({"step": step, "train_bits": self.last_train_bits, "eval_bits": val_bits}

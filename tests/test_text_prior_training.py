@@ -101,6 +101,25 @@ def test_text_options_need_a_text_tokenizer(captioned, tmp_path):
         train_prior(tokens=[str(captioned)], out=str(tmp_path / "x"), text_tokenizer="/nope.json", steps=1)
 
 
+@pytest.mark.slow
+def test_two_ray_train_workers_train_a_text_prior(captioned, tmp_path):
+    """--workers 2 on Ray Train (DDP): the text loss through DDP, held-out bits with and without the
+    caption summed over ranks, a prompt samples from the result."""
+    out = tmp_path / "run"
+    r = run_cli("train-prior", "--tokens", str(captioned), "--out", str(out), "--workers", "2", "--batch-size", "32",
+                "--steps", "60", "--checkpoint-every", "30", "--log-every", "20", "--eval-every", "30", "--lr", "3e-3",
+                "--text-tokenizer", "bytes", "--order", "both", "--max-text-tokens", "12", "--n-layer", "2",
+                "--n-head", "2", "--n-embd", "32", timeout=900)
+    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
+    assert "on Ray Train with 2 workers" in r.stdout
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["workers"] == 2 and m["text"]["rows_trained"] > 0
+    assert m["train_eval"]["bits_per_token"] < m["text"]["bits_per_image_token_empty_caption"]
+    s = Prior.load(out).sample(["a bag"], n=2, seed=0)
+    assert s.images.shape == (2, 28, 28)
+
+
+@pytest.mark.slow
 def test_resume_after_kill_equals_a_clean_run(captioned, tmp_path):
     out = tmp_path / "run"
     args = ["-m", "vqtok.jobs.train_prior", "--tokens", str(captioned), "--out", str(out), "--steps", "300",
