@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import tarfile
 import numpy as np
 import pytest
 
@@ -271,3 +272,45 @@ def test_max_image_pixels_above_pils_own_limit_lets_genuine_large_images_through
         with pytest.raises(DecodeError, match="decompression bomb.*--max-image-pixels"):
             open_image(data) if limit is None else open_image(data, max_pixels=limit)
         assert Image.MAX_IMAGE_PIXELS == pil_limit
+
+
+@pytest.mark.parametrize("fmt", [tarfile.GNU_FORMAT, tarfile.PAX_FORMAT, tarfile.USTAR_FORMAT])
+def test_the_tar_reader_groups_samples_as_webdataset_does(tmp_path, fmt):
+    """pipeline/sources.py reads tar headers itself (fast); it must give webdataset's samples: long
+    names (GNU, pax, ustar prefix), directories skipped, upper-case extensions lowercased, and a
+    corrupt header or a member cut short is an error, not a silent end."""
+    import io
+
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    from vqtok.pipeline.sources import tar_samples
+
+    long_dir = "d" * 60 + "/" + "e" * 60 if fmt != tarfile.USTAR_FORMAT else "d" * 60 + "/e"
+    members = [("a.png", b"1"), ("a.TXT", "caf\u00e9".encode()), (f"{long_dir}/b.c.json", b"{}"),
+               (f"{long_dir}/b.c.png", b"2" * 700), ("noext", b"x"), ("z.png", b"")]
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tf:
+        tf.addfile(_dir_info("adir"))
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    raw = buf.getvalue()
+    want = [{k: v for k, v in s.items() if k == "__key__" or not k.startswith("__")}
+            for s in group_by_keys(dict(m, __url__="x") for m in tar_file_iterator(io.BytesIO(raw)))]
+    got = list(tar_samples(io.BytesIO(raw)))
+    assert got == want and [s["__key__"] for s in got] == ["a", f"{long_dir}/b", "z"]
+    assert got[0]["txt"] == "caf\u00e9".encode() and got[1]["c.png"] == b"2" * 700
+    corrupt = bytearray(raw)
+    corrupt[600] ^= 0xFF  # inside the second header
+    with pytest.raises(tarfile.ReadError, match="checksum"):
+        list(tar_samples(io.BytesIO(bytes(corrupt))))
+    cut = raw[: raw.index(b"2" * 700) + 100]  # inside a member's data
+    with pytest.raises(tarfile.ReadError, match="cut short"):
+        list(tar_samples(io.BytesIO(cut)))
+
+
+def _dir_info(name):
+    info = tarfile.TarInfo(name)
+    info.type = tarfile.DIRTYPE
+    return info
