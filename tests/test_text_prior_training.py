@@ -107,7 +107,7 @@ def test_two_ray_train_workers_train_a_text_prior(captioned, tmp_path):
     caption summed over ranks, a prompt samples from the result."""
     out = tmp_path / "run"
     r = run_cli("train-prior", "--tokens", str(captioned), "--out", str(out), "--workers", "2", "--batch-size", "32",
-                "--steps", "60", "--checkpoint-every", "30", "--log-every", "20", "--eval-every", "30", "--lr", "3e-3",
+                "--steps", "250", "--checkpoint-every", "125", "--log-every", "50", "--eval-every", "125", "--lr", "3e-3",
                 "--text-tokenizer", "bytes", "--order", "both", "--max-text-tokens", "12", "--n-layer", "2",
                 "--n-head", "2", "--n-embd", "32", timeout=900)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
