@@ -136,3 +136,32 @@ def test_the_bundle_round_trips_with_its_text_tokenizer(tmp_path, bundle):
         assert len(back.captions(s.tokens, seed=0)) == 4
     with pytest.raises(ValueError, match="not this prior's"):
         TextPrior(back.cfg, TextTokenizer.load("bytes"))
+
+
+def test_guided_logits_are_uncond_plus_scale_times_the_difference(monkeypatch):
+    """The logits sampled from at the first image position are uncond + s (cond - uncond) on the
+    image ids (and -inf elsewhere), computed here by hand from the two prefixes."""
+    import vqtok.models.text_prior as tp
+
+    model = _model().eval()
+    v = model.vocab
+    at = model.image_start[TEXT_FIRST]
+    cond = model.batch([_ids("red")], np.zeros((1, 6))).seq[:, :at]
+    uncond = model.batch([None], np.zeros((1, 6))).seq[:, :at]
+    with torch.no_grad():
+        lc, lu = model(cond, image_at=at)[:, -1], model(uncond, image_at=at)[:, -1]
+    seen = []
+
+    def first_logits(logits, *a):
+        seen.append(logits.clone())
+        return logits.argmax(-1)
+
+    monkeypatch.setattr(tp, "sample_next", first_logits)
+    for s in (1.0, 3.0, 7.0):
+        seen.clear()
+        model.generate([_ids("red")], cfg_scale=s)
+        got = seen[0][0]
+        want = (lu + s * (lc - lu))[0]
+        img = slice(v.image_offset, v.image_offset + K)
+        assert torch.allclose(got[img], want[img], atol=1e-5)
+        assert torch.isinf(got[: v.image_offset]).all()
