@@ -26,6 +26,7 @@ from ..pipeline.captions import clean_caption
 from ..pipeline.sources import FailureLog, Failure, iter_unit, list_units, split_patterns
 from .options import Command, job_main
 from .progress import fmt_duration
+from .sample import image_tokenizer
 from .trainer import resolve_device
 
 
@@ -75,11 +76,7 @@ def caption(cfg: CaptionConfig | None = None, **options) -> CaptionResult:
     if not isinstance(prior, TextPrior) or prior.cfg.orders != "both":
         raise ConfigError(f"--prior {cfg.prior}: captioning needs a text prior trained with --order both (image-first "
                           f"sequences); train one with `vqtok train-prior --text-tokenizer T --order both`")
-    try:
-        tok = prior.load_tokenizer(cfg.tokenizer or None)
-    except ValueError as e:
-        raise ConfigError(f"--tokenizer {cfg.tokenizer or prior.tokenizer_path}: {e}") from None
-    tok.to(next(prior.parameters()).device)
+    tok = image_tokenizer(prior, cfg.tokenizer)
     failures = FailureLog()
     rows: list[dict] = []
     pending: list[tuple[str, object, np.ndarray]] = []

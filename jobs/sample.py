@@ -101,11 +101,7 @@ def sample(cfg: SampleConfig | None = None, **options) -> SampleResult:
     if cfg.prompts or cfg.negative_prompt:
         raise ConfigError(f"--prompt: {cfg.prior} is a class prior (trained without --text-tokenizer); use --class")
     labels = _labels(cfg, prior)
-    try:
-        tokenizer = prior.load_tokenizer(cfg.tokenizer or None)
-    except ValueError as e:
-        raise ConfigError(f"--tokenizer {cfg.tokenizer or prior.tokenizer_path}: {e}") from None
-    tokenizer.to(next(prior.parameters()).device)
+    tokenizer = image_tokenizer(prior, cfg.tokenizer)
     scale = 1.0 if cfg.cfg_scale is None else cfg.cfg_scale
     what = ("unconditional" if labels is None else
             f"class {labels[0].item()}" if len(set(labels.tolist())) == 1 else f"{len(set(labels.tolist()))} classes")
@@ -124,11 +120,7 @@ def _sample_text(cfg: SampleConfig, prior: TextPrior, t0: float) -> SampleResult
     if not cfg.prompts:
         raise ConfigError(f"--prompt is required: {cfg.prior} is a text prior (give --prompt TEXT, repeatable, or "
                           f"--prompts-file FILE; --prompt '' samples unconditionally)")
-    try:
-        tokenizer = prior.load_tokenizer(cfg.tokenizer or None)
-    except ValueError as e:
-        raise ConfigError(f"--tokenizer {cfg.tokenizer or prior.tokenizer_path}: {e}") from None
-    tokenizer.to(next(prior.parameters()).device)
+    tokenizer = image_tokenizer(prior, cfg.tokenizer)
     scale = 3.0 if cfg.cfg_scale is None else cfg.cfg_scale
     print(f"vqtok sample: {cfg.n} samples for each of {len(cfg.prompts)} prompts from {cfg.prior} (cfg-scale {scale:g} "
           f"against {'the negative prompt' if cfg.negative_prompt else 'the empty caption'}, temperature "
@@ -152,6 +144,16 @@ def _write(cfg: SampleConfig, s: Samples, prior, grid: str, t0: float) -> Sample
           + (f", token grids in {tokens_file}" if tokens_file else "")
           + f" ({seconds:.1f}s, {n / seconds:.1f} samples/s)", flush=True)
     return SampleResult(grid, s, images_dir, tokens_file, seconds)
+
+
+def image_tokenizer(prior, where: str = ""):
+    """The image tokenizer a prior (class or text) was trained for, on the prior's device: `where`
+    (--tokenizer) or where the prior records it; a wrong one is a ConfigError naming it."""
+    try:
+        tokenizer = prior.load_tokenizer(where or None)
+    except ValueError as e:
+        raise ConfigError(f"--tokenizer {where or prior.tokenizer_path}: {e}") from None
+    return tokenizer.to(next(prior.parameters()).device)
 
 
 def _labels(cfg: SampleConfig, prior: Prior) -> torch.Tensor | None:

@@ -108,6 +108,23 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+def init_weights(model: nn.Module, n_layer: int, positions) -> None:
+    """GPT-2's initialisation, for both priors: N(0, 0.02) linears and embeddings, zero biases, the
+    residual projections scaled by depth, and N(0, 0.02) learned position parameters."""
+    def one(m: nn.Module) -> None:
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+    model.apply(one)  # children before parents, as the priors always drew their weights
+    for name, p in model.named_parameters():
+        if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
+            nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * n_layer))
+    for p in positions:
+        nn.init.normal_(p, 0.0, 0.02)
+
+
 def sample_next(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
                 generator: torch.Generator | None) -> torch.Tensor:
     """One token per row from (B, K) logits: temperature, then top-k, then nucleus (top-p)."""

@@ -24,7 +24,6 @@ cache holds each layer's keys and values, so each new token costs one position, 
 """
 from __future__ import annotations
 
-import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ import torch.nn.functional as F
 from .bundle import load_weights, parse_config, read_bundle, write_bundle
 from .config import ConfigError, option
 from .gpt import (PRIOR_FORMAT, PRIOR_VERSION, TEXT_PRIOR_VERSION, Block, PriorShape, Samples, bits,  # noqa: F401
-                  find_tokenizer, sample_next)
+                  find_tokenizer, init_weights, sample_next)
 
 
 @dataclass(kw_only=True)
@@ -93,21 +92,7 @@ class Prior(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, cfg.codebook_size, bias=False)  # predicts image tokens only
-        self.apply(self._init)
-        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
-            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
-        for p in (self.prefix_pos, self.row_emb, self.col_emb):
-            nn.init.normal_(p, 0.0, 0.02)
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, 0.0, 0.02)
+        init_weights(self, cfg.n_layer, (self.prefix_pos, self.row_emb, self.col_emb))
 
     # --- sequences ------------------------------------------------------------------------------
     def prefix(self, b: int, labels: torch.Tensor | None, device) -> torch.Tensor:

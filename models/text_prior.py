@@ -30,7 +30,6 @@ drawn and the span ends after exactly h*w of them; while captioning only text id
 """
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -41,7 +40,8 @@ import torch.nn.functional as F
 
 from .bundle import load_weights, write_bundle
 from .config import ConfigError, option
-from .gpt import PRIOR_FORMAT, TEXT_PRIOR_VERSION, Block, PriorShape, Samples, find_tokenizer, sample_next
+from .gpt import (PRIOR_FORMAT, TEXT_PRIOR_VERSION, Block, PriorShape, Samples, find_tokenizer, init_weights,
+                  sample_next)
 from .text_tokenizer import TextTokenizer
 from .vocabulary import Vocabulary
 
@@ -109,12 +109,7 @@ class TextPrior(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.n_embd)
         self.head = nn.Linear(cfg.n_embd, v.size, bias=False)
-        self.apply(self._init)
-        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
-            if name.endswith("proj.weight") or name.endswith("mlp.2.weight"):
-                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer))
-        for p in (self.pos_emb, self.row_emb, self.col_emb):
-            nn.init.normal_(p, 0.0, 0.02)
+        init_weights(self, cfg.n_layer, (self.pos_emb, self.row_emb, self.col_emb))
         m, n = v.max_text_tokens, v.image_span
         self.image_start = {TEXT_FIRST: m + 3, IMAGE_FIRST: 2}  # where the image span starts, per order
         self.register_buffer("_image_mask", self._span_mask(v.image_offset, v.size), persistent=False)
@@ -128,13 +123,6 @@ class TextPrior(nn.Module):
         for i in extra:
             mask[i] = 0.0
         return mask
-
-    @staticmethod
-    def _init(m: nn.Module) -> None:
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, 0.0, 0.02)
-            if isinstance(m, nn.Linear) and m.bias is not None:
-                nn.init.zeros_(m.bias)
 
     # --- sequences ------------------------------------------------------------------------------
     def batch(self, text_ids: Sequence[Sequence[int] | None], tokens: torch.Tensor | np.ndarray,
