@@ -11,7 +11,10 @@ training stages resume from their last checkpoint):
               written beside copies of the IDX files), and the openclipart drawings at 28 px with their
               titles (benchmarks/out/captions, made by benchmarks/captions.py: its last --clip-val-shards
               shards held out), all through vqtok.tokenize(workers=1) with the same tokenizer.
-  prior-text  a text prior on the Fashion-MNIST train tokens: text_tokenizer "bytes", order "both",
+  text-tokenizer  with --text-tokenizer bpe:N, a byte-level BPE of up to N ids fitted on the train
+              tokens' captions (vqtok.train_text_tokenizer; with N >= 512 every caption word is one id);
+              with "bytes" nothing to do.
+  prior-text  a text prior on the Fashion-MNIST train tokens: that text tokenizer, order "both",
               max_text_tokens --max-text-tokens, caption_dropout 0.1; held out on the test tokens.
   prior-class a class-conditional prior on the SAME tokens, the same shape, steps, batch and lr.
   prior-clip  a text prior on the openclipart train shards (held out on the others), --clip-steps.
@@ -47,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -66,7 +70,7 @@ import make_fashion_mnist_captions as fm  # noqa: E402
 import vqtok  # noqa: E402
 from vqtok import Prior, TokenDataset  # noqa: E402
 
-STAGES = ("tokenizer", "tokens", "prior-text", "prior-class", "prior-clip", "fidelity", "attributes", "captioning",
+STAGES = ("tokenizer", "tokens", "text-tokenizer", "prior-text", "prior-class", "prior-clip", "fidelity", "attributes", "captioning",
           "report")
 CLIP_SHARDS = REPO / "benchmarks" / "out" / "captions" / "openclipart-all-28px-500" / "shards"
 # One prompt per garment: held-out phrasings (no caption uses them) for five, caption phrasings in
@@ -159,7 +163,19 @@ def stage_tokens(a, out: Path, tokenizer: str) -> dict:
     return info
 
 
-def stage_prior(a, out: Path, name: str) -> dict:
+def stage_text_tokenizer(a, out: Path) -> dict:
+    if a.text_tokenizer == "bytes":
+        return {"text_tokenizer": "bytes", "vocab_size": 256}
+    m = re.fullmatch(r"bpe:(\d+)", a.text_tokenizer)
+    if not m:
+        raise SystemExit(f"--text-tokenizer {a.text_tokenizer!r}: \"bytes\" or \"bpe:N\" (e.g. bpe:1024)")
+    r = vqtok.train_text_tokenizer(str(out / "tokens-train"), vocab_size=int(m.group(1)), out=str(out / "text-bpe" / "tokenizer.json"))
+    if r.not_round_trip:
+        raise SystemExit(f"the BPE does not round-trip {r.not_round_trip} captions: {r.bad_examples}")
+    return {"text_tokenizer": r.out, "vocab_size": r.vocab_size, "asked": a.text_tokenizer, "id": r.id}
+
+
+def stage_prior(a, out: Path, name: str, text_tokenizer: str) -> dict:
     text = name != "prior-class"
     clip = name == "prior-clip"
     tokens = [str(out / ("tokens-clip-train" if clip else "tokens-train"))]
@@ -169,7 +185,8 @@ def stage_prior(a, out: Path, name: str) -> dict:
                 n_layer=a.n_layer, n_head=4, n_embd=a.n_embd, dropout=0.1, lr=a.lr, eval_every=steps,
                 log_every=max(1, steps // 30), checkpoint_every=max(1, steps // 5), threads=2)
     if text:
-        opts |= dict(text_tokenizer="bytes", order="both", max_text_tokens=a.max_text_tokens, caption_dropout=0.1)
+        # the openclipart prior reads its titles as bytes: a BPE fitted on garment captions does not fit them
+        opts |= dict(text_tokenizer="bytes" if clip else text_tokenizer, order="both", max_text_tokens=a.max_text_tokens, caption_dropout=0.1)
     t0 = time.time()
     res = vqtok.train_prior(**opts)
     m = res.metrics
@@ -314,7 +331,9 @@ def report(a, out: Path, done: dict) -> tuple[str, bool]:
         r = f["scales"][best]
         rows.append([f"sampling images/s at cfg {float(best):g} (noisy: shared cores)", f"{r['text_img_per_s']:.1f}",
                      f"{r['class_img_per_s']:.1f}"])
-    body = table(["measure", "text prior (bytes, order both)", "class prior, same tokens and shape"], rows)
+    tt = done.get("text-tokenizer", {"text_tokenizer": "bytes", "vocab_size": 256})
+    tname = "bytes" if tt["text_tokenizer"] == "bytes" else f"BPE, {tt['vocab_size']} ids"
+    body = table(["measure", f"text prior ({tname}, order both)", "class prior, same tokens and shape"], rows)
     tk = done.get("tokenizer", {})
     tok = done.get("tokens", {})
     mse = (tk.get("held_out") or {}).get("mse", float("nan"))
@@ -325,13 +344,14 @@ def report(a, out: Path, done: dict) -> tuple[str, bool]:
     else:
         what = (f"vqtok.train_vqvae defaults (K=512, 7x7) on the 60k train split, {tk.get('steps', '?')} steps of "
                 f"batch 128 (test MSE {mse:.4f})")
-    body += (f"\n\nSetting: {'--quick' if a.quick else 'full'}. Tokenizer: {what}. Priors: {a.n_layer} layers x {a.n_embd}, 4 heads, "
+    body += (f"\n\nSetting: {'--quick' if a.quick else 'full'} (run as: text_prior_quality.py {' '.join(a.argv)}). Tokenizer: {what}. Priors: {a.n_layer} layers x {a.n_embd}, 4 heads, "
              f"dropout 0.1, batch {a.batch_size}, lr {a.lr}, {a.steps} steps each on the same {tok.get('train', 0):,} "
-             f"train grids (text: bytes, order both, max {a.max_text_tokens} text ids, caption dropout 0.1); the "
+             f"train grids (text: {tname}{' fitted on the train captions' if tname != 'bytes' else ''}, order both, max {a.max_text_tokens} text ids, caption dropout 0.1); the "
              f"openclipart text prior the same shape, {a.clip_steps} steps on {tok.get('clip-train', 0):,} drawings at 28 px "
              f"(held out: the last {a.clip_val_shards} shards, {tok.get('clip-val', 0):,} drawings), tokenized with the "
-             f"Fashion-MNIST tokenizer. One process, 2 threads, on 2 cores shared with another engineer's test run: "
-             f"seconds and rates are noisy, the ratios and quality figures are not.\n")
+             f"Fashion-MNIST tokenizer (its text as bytes). One process, 2 threads; load average (1 min) at the start of "
+             f"each stage: " + ", ".join(f"{s} {done[s]['load_at_start']:.1f}" for s in done if "load_at_start" in done[s])
+             + " (above 2, the cores were shared and seconds and rates are noisy; the quality figures are not).\n")
     if f:
         per = f["scales"][best]
         body += (f"\nPrompts ({f['n']} samples each, seed 1; * = a wording no caption uses), per-garment accuracy at cfg "
@@ -368,7 +388,10 @@ def main() -> int:
     p.add_argument("--n-embd", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--max-text-tokens", type=int, default=56)
+    p.add_argument("--max-text-tokens", type=int, default=None,
+                   help="text ids per caption (default: 56 for bytes, 16 for a BPE; captions are at most 51 bytes)")
+    p.add_argument("--text-tokenizer", default="bytes",
+                   help="the Fashion-MNIST text prior's text tokenizer: bytes, or bpe:N (fitted in its own stage)")
     p.add_argument("--clip-val-shards", type=int, default=2)
     p.add_argument("--n", type=int, default=None, help="samples per prompt and scale")
     p.add_argument("--cfg-scales", default="1,2,3,5")
@@ -377,7 +400,10 @@ def main() -> int:
     p.add_argument("--note", default="", help="a sentence added to the table's notes (e.g. how the stages ran)")
     p.add_argument("--no-append", action="store_true")
     a = p.parse_args()
+    a.argv = [x for x in sys.argv[1:] if x != "--no-append"]
     settings(a)
+    if a.max_text_tokens is None:
+        a.max_text_tokens = 56 if a.text_tokenizer == "bytes" else 16
     a.cfg_scales = [float(s) for s in a.cfg_scales.split(",")]
     torch.set_num_threads(2)
     out = Path(a.out or REPO / "benchmarks" / "out" / "text_prior" / ("quick" if a.quick else "full"))
@@ -400,16 +426,18 @@ def main() -> int:
         if stage not in only:
             continue
         print(f"=== stage {stage}", flush=True)
-        t0 = time.time()
+        t0, load = time.time(), os.getloadavg()[0]
         if stage == "tokenizer":
             r = stage_tokenizer(a, out)
         elif stage == "tokens":
             r = stage_tokens(a, out, done["tokenizer"]["tokenizer"])
         elif stage.startswith("prior-"):
-            r = stage_prior(a, out, stage)
+            r = stage_prior(a, out, stage, done.get("text-tokenizer", {}).get("text_tokenizer", "bytes"))
+        elif stage == "text-tokenizer":
+            r = stage_text_tokenizer(a, out)
         else:
             r = {"fidelity": stage_fidelity, "attributes": stage_attributes, "captioning": stage_captioning}[stage](a, out, done)
-        r["stage_seconds"] = time.time() - t0
+        r["stage_seconds"], r["load_at_start"] = time.time() - t0, load
         save_json(path, r)
         done[stage] = r
         print(f"=== stage {stage} done in {r['stage_seconds']:.0f}s", flush=True)

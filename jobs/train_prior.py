@@ -63,7 +63,7 @@ class PriorTrainConfig(TrainingOptions):
     order: str = option("text-first", "text prior: text-first, or both (each image also image-first, so the prior "
                                       "captions too)")
     max_text_tokens: int = option(64, "text prior: captions are cut to their first N text ids (counted)")
-    caption_dropout: float = option(0.1, "text prior: probability a caption is replaced by the empty one (guidance)")
+    caption_dropout: float = option(0.1, "text prior: probability a text-first caption is replaced by the empty one (guidance)")
     text_loss_weight: float = option(0.0, "text prior: weight of the caption's own loss in text-first sequences")
     model: PriorShape = option(factory=PriorShape, cli=False)  # its fields are flags of their own: --n-layer, ...
     batch_size: int = option(64, "token grids per step, over all workers")

@@ -55,7 +55,7 @@ class TextPriorConfig(PriorShape):
     WHAT = "text prior config"
     vocabulary: dict = option(help="Vocabulary.to_dict(): the layout of text and image ids", factory=dict)
     orders: str = option("text-first", "the orders it was trained on: text-first, or both (it also captions)")
-    caption_dropout: float = option(0.1, "probability a caption is replaced by the empty one in training (for guidance)")
+    caption_dropout: float = option(0.1, "probability a text-first caption is replaced by the empty one in training (for guidance)")
     text_loss_weight: float = option(0.0, "weight of the caption's own loss in text-first sequences")
     tokenizer_id: str = option("", "the image tokenizer whose token datasets this prior models")
     text_tokenizer: str = option("", "where the text tokenizer was (\"bytes\", or a tokenizer.json)")
@@ -182,11 +182,15 @@ class TextPrior(nn.Module):
     def loss(self, text_ids, tokens, orders: str | Sequence[str] = TEXT_FIRST, *, reduction: str = "mean",
              generator: torch.Generator | None = None) -> torch.Tensor:
         """Weighted cross-entropy (nats per scored id) of the rows' sequences. In training mode
-        each caption is dropped (made empty) with probability caption_dropout."""
+        each text-first row's caption is dropped (made empty) with probability caption_dropout, so
+        the model also learns the empty-caption branch guidance needs; image-first rows keep theirs
+        (there the caption is the target: an emptied one would only teach empty captions)."""
         b = len(text_ids)
         drop = None
         if self.training and self.cfg.caption_dropout > 0:
-            drop = (torch.rand(b, generator=generator) < self.cfg.caption_dropout).tolist()
+            firsts = [orders] * b if isinstance(orders, str) else list(orders)
+            draw = (torch.rand(b, generator=generator) < self.cfg.caption_dropout).tolist()
+            drop = [d and o == TEXT_FIRST for d, o in zip(draw, firsts)]
         return self.batch_loss(self.batch(text_ids, tokens, orders, drop=drop), reduction=reduction)
 
     def batch_loss(self, batch: Batch, reduction: str = "mean") -> torch.Tensor:

@@ -47,6 +47,31 @@ def test_long_captions_are_cut_and_counted_and_dropout_empties_them():
     assert d.empty == 1 and d.seq[0].tolist() == model.batch([None], np.zeros((1, 6))).seq[0].tolist()
 
 
+def test_caption_dropout_empties_text_first_captions_in_training_only(monkeypatch):
+    """caption_dropout p: about p of the text-first rows train with the empty caption (the branch
+    guidance mixes against); image-first rows keep theirs (it is their target); eval drops none."""
+    model = _model(caption_dropout=0.3)
+    seen = []
+    real = model.batch
+
+    def spy(*a, **k):
+        seen.append(real(*a, **k))
+        return seen[-1]
+
+    monkeypatch.setattr(model, "batch", spy)
+    n = 2000
+    caps, grids = [_ids("hi")] * n, np.zeros((n, 6))
+    model.train()
+    model.loss(caps, grids, [TEXT_FIRST, IMAGE_FIRST] * (n // 2), generator=torch.Generator().manual_seed(0))
+    rows = seen[-1].seq
+    emptied = (rows[:, M + 1] == model.vocab.bos).tolist()  # <bos> right before <boi>: no caption ids between
+    assert 0.25 < np.mean(emptied[0::2]) < 0.35
+    assert not any(emptied[1::2]) and seen[-1].empty == sum(emptied)
+    model.eval()
+    model.loss(caps, grids, TEXT_FIRST)
+    assert seen[-1].empty == 0
+
+
 def test_text_loss_weight_scores_the_caption():
     v = _model().vocab
     model = _model(text_loss_weight=0.5)
