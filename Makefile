@@ -105,7 +105,7 @@ bench-captions: $(STAMP)
 # text priors measured (issue 23): prompt fidelity vs a class prior on the same tokens, dark/light
 # attributes, caption information (Fashion-MNIST and openclipart), captioning; resumable stages under
 # benchmarks/out/text_prior. Needs benchmarks/out/captions (make bench-captions CAPTIONS_ARGS="--only corpus").
-# TEXT_PRIOR_ARGS: --quick (about 35-60 min on 2 busy cores), --only STAGE; the full setting takes hours.
+# TEXT_PRIOR_ARGS: --setting quick (35-60 min) / medium (about 70 min idle) / full (about 2.5 h), --only STAGE.
 .PHONY: bench-text-prior
 bench-text-prior: $(STAMP)
 	$(BIN)/python benchmarks/text_prior_quality.py $(TEXT_PRIOR_ARGS)

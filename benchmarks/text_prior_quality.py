@@ -1,7 +1,7 @@
 """Text priors measured: prompt fidelity, attributes, caption information and captioning, beside a
 class-conditional prior trained on the same tokens.
 
-Stages (each writes under --out, benchmarks/out/text_prior/[quick/], and is skipped when its output is
+Stages (each writes under --out, benchmarks/out/text_prior/SETTING/, and is skipped when its output is
 there, so a killed run resumes by re-running the same command; `--only a,b` runs just those; the
 training stages resume from their last checkpoint):
 
@@ -34,17 +34,21 @@ metrics.json ("text"). Targets (issue 23): prompt fidelity >= 85% at the best cf
 for every garment; the caption carries information (bits with < bits without) on both datasets;
 captions name the right garment >= 80%. Reported PASS/FAIL as measured.
 
-Budgets (steps are the time budget of the training stages): --quick: tokenizer 1,000 steps of batch
-128 (or --tokenizer an existing Fashion-MNIST bundle), priors 2 layers x 128 for 500 steps of batch 64
-(the openclipart prior 150), 20 samples per prompt and scale, 2,000 test images captioned. Run the
-stages one after another: three training processes at once on 2 cores (2 threads each) ran 5-10x
-slower than one. The full setting: tokenizer 5,000 steps, priors 4 x 256 for
-6,000 steps (as benchmarks/prior_quality.py), 100 samples per prompt, all 10k captioned: about
-4-5 hours on an idle 2-core machine (the class prior alone took 57 min in prior_quality; the text
-prior's sequences are about twice as long).
+Settings (--setting; steps are the time budget of the training stages):
+  quick   tokenizer 1,000 steps of batch 128 (or --tokenizer an existing Fashion-MNIST bundle), text as
+          bytes, priors 2 layers x 128 for 500 steps of batch 64 (the openclipart prior 150), 20 samples
+          per prompt and scale, 2,000 test images captioned: about 35-60 min.
+  medium  text as a BPE fitted on the train captions (bpe:1024: every caption word one id, captions
+          at most 10 ids instead of 51 bytes), priors 4 x 256 for 3,000 steps (the openclipart
+          prior 1,000), 100 samples per prompt and scale, all 10k captioned: about 70 min on an idle
+          2-core machine (25 min the text prior, 20 the class prior).
+  full    tokenizer 5,000 steps, the medium setting's text and priors for 6,000 steps (as
+          benchmarks/prior_quality.py; the openclipart prior 3,000): about 2.5 hours.
+Run the stages one after another: three training processes at once on 2 cores (2 threads each) ran
+5-10x slower than one. Any value can be overridden (--steps, --n-layer, --text-tokenizer, ...).
 
-    python benchmarks/text_prior_quality.py --quick [--only tokens,prior-text] [--no-append]
-    python benchmarks/text_prior_quality.py            # the full setting
+    python benchmarks/text_prior_quality.py --setting quick [--only tokens,prior-text] [--no-append]
+    python benchmarks/text_prior_quality.py --setting medium --tokenizer DIR   # reuse a tokenizer
 """
 from __future__ import annotations
 
@@ -94,13 +98,25 @@ def garment_prompts() -> list[str]:
     return [fm.prompt(p, a, t) for c, (p, a, t) in sorted(PROMPTS.items())]
 
 
+SETTINGS = {  # --setting: the defaults of the values left unset on the command line
+    "quick": dict(tok_steps=1000, steps=500, clip_steps=150, n_layer=2, n_embd=128, n=20, caption_rows=2000,
+                  text_tokenizer="bytes"),
+    "medium": dict(tok_steps=1000, steps=3000, clip_steps=1000, n_layer=4, n_embd=256, n=100, caption_rows=10_000,
+                   text_tokenizer="bpe:1024"),
+    "full": dict(tok_steps=5000, steps=6000, clip_steps=3000, n_layer=4, n_embd=256, n=100, caption_rows=10_000,
+                 text_tokenizer="bpe:1024"),
+}
+
+
 def settings(a) -> dict:
-    q = a.quick
-    d = dict(tok_steps=1000 if q else 5000, steps=500 if q else 6000, clip_steps=150 if q else 3000,
-             n_layer=2 if q else 4, n_embd=128 if q else 256, n=20 if q else 100, caption_rows=2000 if q else 10_000)
+    if a.quick:
+        a.setting = "quick"
+    d = SETTINGS[a.setting]
     for k, v in d.items():
         if getattr(a, k) is None:
             setattr(a, k, v)
+    if a.max_text_tokens is None:
+        a.max_text_tokens = 56 if a.text_tokenizer == "bytes" else 16
     return d
 
 
@@ -344,7 +360,7 @@ def report(a, out: Path, done: dict) -> tuple[str, bool]:
     else:
         what = (f"vqtok.train_vqvae defaults (K=512, 7x7) on the 60k train split, {tk.get('steps', '?')} steps of "
                 f"batch 128 (test MSE {mse:.4f})")
-    body += (f"\n\nSetting: {'--quick' if a.quick else 'full'} (run as: text_prior_quality.py {' '.join(a.argv)}). Tokenizer: {what}. Priors: {a.n_layer} layers x {a.n_embd}, 4 heads, "
+    body += (f"\n\nSetting: {a.setting}. Tokenizer: {what}. Priors: {a.n_layer} layers x {a.n_embd}, 4 heads, "
              f"dropout 0.1, batch {a.batch_size}, lr {a.lr}, {a.steps} steps each on the same {tok.get('train', 0):,} "
              f"train grids (text: {tname}{' fitted on the train captions' if tname != 'bytes' else ''}, order both, max {a.max_text_tokens} text ids, caption dropout 0.1); the "
              f"openclipart text prior the same shape, {a.clip_steps} steps on {tok.get('clip-train', 0):,} drawings at 28 px "
@@ -376,7 +392,9 @@ def report(a, out: Path, done: dict) -> tuple[str, bool]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="the ~35-minute setting (a separate output folder)")
+    p.add_argument("--setting", choices=sorted(SETTINGS), default="full", help="the budget (module docstring); each "
+                   "setting has its own output folder")
+    p.add_argument("--quick", action="store_true", help="the same as --setting quick")
     p.add_argument("--only", default="", help=f"comma-separated stages: {', '.join(STAGES)}")
     p.add_argument("--out", default=None, help="default benchmarks/out/text_prior[/quick]")
     p.add_argument("--tokenizer", default="", help="use this tokenizer bundle instead of training one")
@@ -390,7 +408,7 @@ def main() -> int:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-text-tokens", type=int, default=None,
                    help="text ids per caption (default: 56 for bytes, 16 for a BPE; captions are at most 51 bytes)")
-    p.add_argument("--text-tokenizer", default="bytes",
+    p.add_argument("--text-tokenizer", default=None,
                    help="the Fashion-MNIST text prior's text tokenizer: bytes, or bpe:N (fitted in its own stage)")
     p.add_argument("--clip-val-shards", type=int, default=2)
     p.add_argument("--n", type=int, default=None, help="samples per prompt and scale")
@@ -400,13 +418,10 @@ def main() -> int:
     p.add_argument("--note", default="", help="a sentence added to the table's notes (e.g. how the stages ran)")
     p.add_argument("--no-append", action="store_true")
     a = p.parse_args()
-    a.argv = [x for x in sys.argv[1:] if x != "--no-append"]
     settings(a)
-    if a.max_text_tokens is None:
-        a.max_text_tokens = 56 if a.text_tokenizer == "bytes" else 16
     a.cfg_scales = [float(s) for s in a.cfg_scales.split(",")]
     torch.set_num_threads(2)
-    out = Path(a.out or REPO / "benchmarks" / "out" / "text_prior" / ("quick" if a.quick else "full"))
+    out = Path(a.out or REPO / "benchmarks" / "out" / "text_prior" / a.setting)
     out.mkdir(parents=True, exist_ok=True)
     only = [s for s in a.only.split(",") if s] or list(STAGES)
     bad = [s for s in only if s not in STAGES]
@@ -449,7 +464,7 @@ def main() -> int:
             body += "\n" + a.note
         print(body)
         if not a.no_append:
-            append_results(f"Text prior quality{' (--quick)' if a.quick else ''} (benchmarks/text_prior_quality.py)", body)
+            append_results(f"Text prior quality, {a.setting} setting (benchmarks/text_prior_quality.py)", body)
         print(f"this call: {time.time() - t_all:.0f}s")
         return 0 if ok else 1
     return 0
