@@ -27,9 +27,9 @@ from ..pipeline.captions import MAX_CAPTION_BYTES, TextFields
 from ..pipeline.errors import DataError
 from ..pipeline.lease import DEFAULT_TTL
 from ..pipeline.sources import FOLDER_UNIT_SIZE, Failure, list_units, split_patterns
-from ..pipeline.token_format import ERRORS_DIR, dataset_metadata, describe_captions, part_table
+from ..pipeline.token_format import ERRORS_DIR, dataset_metadata, describe_captions
 from ..pipeline.token_writer import CHANGED, REMOVED, OutputRefused, Plan, TokenWriter, list_some
-from ..pipeline.stages import BatchEncoder, UnitCollector, read_units, unit_items
+from ..pipeline.stages import BatchEncoder, UnitCollector, commit_unit, read_units, unit_items
 from ._ray import check_address, check_resources, init_ray
 from .options import Command, job_main
 from .progress import fmt_duration
@@ -213,12 +213,7 @@ def _stream(cfg, bundle, tok, meta, output: TokenWriter, pending, say) -> tuple[
     t_start, t_report = time.time(), time.time()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         for finished in collector.add(batch):  # for each finished unit: commit
-            unit = unit_of[finished.part_index]
-            rows = finished.rows  # the encoders' columns go into the part as they are: no trip through Python
-            column = lambda name: rows.column(name).combine_chunks()  # noqa: E731
-            table = part_table(meta, column("key"), column("tokens"), column("label"), unit.url,
-                               captions=column("caption"), metas=column("meta"))
-            output.commit(unit, finished.part_index, table, finished.failures, finished.caption_notes(unit.url))
+            table = commit_unit(output, meta, unit_of[finished.part_index], finished)
             done_units += 1
             images += table.num_rows
             for f in finished.failures[: max(0, 5 - len(examples))]:

@@ -3,7 +3,8 @@ Arrow tables (Ray Data runs the stages, from jobs/tokenize.py; tests and benchma
 
     read_units      (Ray tasks)   a unit -> batches of preprocessed pixels, then its end row
     BatchEncoder    (Ray actors)  pixels -> token grids, one (unit, batch) group per encode call
-    UnitCollector   (driver)      token rows -> one complete, ordered table per unit, for commit
+    UnitCollector   (driver)      token rows -> one complete, ordered table per unit
+    commit_unit     (driver)      a complete unit -> its Parquet part, committed by the TokenWriter
 
 The rows in flight have one codec, UnitRows. Every unit travels as Arrow tables of one schema, in
 two kinds of row:
@@ -37,7 +38,7 @@ import pyarrow.compute as pc
 from ..models.tokenizer import DecodeError, Preprocess
 from .captions import CaptionNote, TextFields, clean_caption, clean_meta
 from .sources import Failure, Unit, iter_unit
-from .token_format import tokens_array
+from .token_format import part_table, tokens_array
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,3 +284,15 @@ class BatchEncoder:
             is_image[rows] = True
         tokens = tokens_array(grids, self.tok.config.codebook_size, mask=~is_image)
         return self.codec.with_tokens(table, tokens)
+
+
+def commit_unit(output, meta: dict, unit: Unit, finished: FinishedUnit) -> pa.Table:
+    """Driver side, last: a finished unit's rows become its part (pipeline/token_format.py), which
+    `output` (the run's TokenWriter) writes and commits with the unit's failures and caption notes.
+    The encoders' columns go into the part as they are: no trip through Python. Returns the part."""
+    rows = finished.rows
+    column = lambda name: rows.column(name).combine_chunks()  # noqa: E731
+    table = part_table(meta, column("key"), column("tokens"), column("label"), unit.url,
+                       captions=column("caption"), metas=column("meta"))
+    output.commit(unit, finished.part_index, table, finished.failures, finished.caption_notes(unit.url))
+    return table
