@@ -47,12 +47,15 @@ def table(headers: list[str], rows: list[list]) -> str:
     return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|", *map(line, cells[1:])])
 
 
-def append_results(title: str, body: str) -> None:
-    stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    text = f"\n## {title}\n{stamp}; {machine()}\n\n{body}\n"
-    with open(RESULTS, "a") as f:
+def append_results(title: str, body: str, *, when: str | None = None, where: str | None = None,
+                   path: Path = RESULTS) -> None:
+    """A section `## title`, then the date and machine (now and this one, unless the run being reported
+    happened elsewhere: `when`, `where`), then `body`, appended to `path`."""
+    stamp = when or _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    text = f"\n## {title}\n{stamp}; {where or machine()}\n\n{body}\n"
+    with open(path, "a") as f:
         f.write(text)
-    print(f"appended to {RESULTS}")
+    print(f"appended to {path}")
 
 
 def interleaved(fns: dict, repeat: int) -> dict:

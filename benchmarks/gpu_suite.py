@@ -180,16 +180,22 @@ class Suite:
         return suite_markdown(self.record)
 
 
+def status_table(record: dict) -> str:
+    """Each part's status, reason, seconds and limit (Markdown)."""
+    from _common import table
+
+    rows = [[n, p["status"], p["reason"], f"{p['seconds']:.0f}", f"{p['limit_s']:.0f}"] for n, p in record["parts"].items()]
+    return table(["part", "status", "reason", "s", "limit s"], rows)
+
+
 def suite_markdown(record: dict) -> str:
     """A run's record (suite.json) as Markdown: the statuses, then each part's tables."""
-    from _common import table
     from gpu.common import part_markdown
 
     r = record
     head = [f"# {r['suite']}{' (CPU smoke run: no figure here means anything)' if r['smoke'] else ''}", "",
             f"{r['date']}; {r['machine']}; triton {r['triton']}; commit {r['commit']}", ""]
-    rows = [[n, p["status"], p["reason"], f"{p['seconds']:.0f}", f"{p['limit_s']:.0f}"] for n, p in r["parts"].items()]
-    out = head + [table(["part", "status", "reason", "s", "limit s"], rows), ""]
+    out = head + [status_table(r), ""]
     for name, p in r["parts"].items():
         if p["tables"] or p["notes"]:
             out += [f"## {name}: {p['title']}", "", part_markdown(p)]

@@ -29,11 +29,12 @@ def rounding_bound(x, e):
 def check(x, e, backend, precision):
     idx, dist = nearest_code(x, e, backend=backend, precision=precision, return_distance=True)
     assert idx.dtype == torch.int64 and idx.shape == (x.shape[0],)
+    x, e, idx, dist = x.cpu(), e.cpu(), idx.cpu(), dist.cpu()  # the reference on the CPU (CUDA inputs too)
     ref_idx, ref_dist = nearest_code_reference(x, e)
-    chosen = ((x.double() - e.double()[idx.cpu()]) ** 2).sum(1)
+    chosen = ((x.double() - e.double()[idx]) ** 2).sum(1)
     bound = rounding_bound(x, e)
     assert torch.all(chosen - ref_dist <= bound), "a row chose a code farther than the bound allows"
-    assert torch.all((dist.double().cpu() - ref_dist).abs() <= bound)
+    assert torch.all((dist.double() - ref_dist).abs() <= bound)
     assert torch.all(dist >= 0) and not torch.isnan(dist).any()
     return idx, ref_idx
 

@@ -7,6 +7,6 @@
     sample     prior sampling images/s (class and text priors, 7x7 and 16x16 grids)
     tokenize   Ray-free tokenization: decode processes -> encoder on the GPU -> Parquet commit
 
-Each module has TITLE, LIMIT_S (its default time limit) and run(part), where part is a
-common.Part: it says whether this is a CPU smoke run, how much time is left, and writes the
-tables as they fill (common.py)."""
+Each module has TITLE and run(part), where part is a common.Part: it says whether this is a
+CPU smoke run and how much of the part's time limit (gpu_suite.LIMITS) is left, and writes the
+tables as they fill (common.py). priors.py holds the priors that train and sample share."""
