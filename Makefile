@@ -109,3 +109,13 @@ bench-captions: $(STAMP)
 .PHONY: bench-text-prior
 bench-text-prior: $(STAMP)
 	$(BIN)/python benchmarks/text_prior_quality.py $(TEXT_PRIOR_ARGS)
+
+# issue 24: the GPU suite in one command of about 8 minutes, Ray-free, on a GPU machine's own python3 (its
+# torch and triton; vqtok imported from this checkout, missing pure-Python packages from benchmarks/gpu_wheels):
+# the gpu tests, then the kernel, encoder, training, sampling and tokenization figures, each part under its own
+# time limit. Then `python benchmarks/gpu_report.py runs/gpu` appends the tables to benchmarks/RESULTS.md.
+# GPU_SUITE_ARGS: e.g. --only kernel,encoders; --limit PART=SECONDS; --cpu-smoke (every part tiny, on the CPU).
+GPU_SUITE_OUT ?= runs/gpu
+.PHONY: gpu-suite
+gpu-suite:
+	PYTHON=$(PYTHON) bash benchmarks/gpu_suite.sh --out $(GPU_SUITE_OUT) $(GPU_SUITE_ARGS)

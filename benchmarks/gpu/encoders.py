@@ -40,45 +40,52 @@ def encode(model, pixels, *, bf16: bool, channels_last: bool) -> torch.Tensor:
         return model.encode(x)
 
 
+VARIANTS = [("fp32", False, False), ("bf16", True, False), ("bf16 channels_last", True, True)]
+COMPILED = ("bf16 channels_last + torch.compile", True, True)
+
+
 def run(part: Part) -> None:
-    from vqtok import Preprocess
     from vqtok.models import VQVAE
 
     if not part.smoke and not torch.cuda.is_available():
         part.skip(NO_CUDA)
     t = part.table("Encoder + quantizer from uint8 pixels on the device", [
         "model", "batch", "variant", "img/s", "vs fp32", "quantizer share", "tokens equal to fp32", "first call s"])
+    built = []
     for name, cfg, batches in models(part.smoke):
         torch.manual_seed(0)
         model = VQVAE(cfg).to(part.device).eval()
         s = cfg.image_size
         pixels = {b: torch.randint(0, 256, (b, s, s, cfg.channels), dtype=torch.uint8, device=part.device) for b in batches}
         fp32 = {}  # batch -> (seconds, tokens)
-        variants = [("fp32", False, False), ("bf16", True, False), ("bf16 channels_last", True, True),
-                    ("bf16 channels_last + torch.compile", True, True)]
-        for variant, bf16, cl in variants:
-            if variant.endswith("compile"):
-                if not part.has_time(COMPILE_S[cfg.arch] + 10, f"{name}: {variant}"):
-                    continue
-                model.encoder = torch.compile(model.encoder, backend="eager" if part.smoke else "inductor")
-            elif cl:
+        for variant in VARIANTS:
+            if variant[2]:
                 model = model.to(memory_format=torch.channels_last)
-            for b in batches:
-                if not part.has_time(10, f"{name} batch {b}: {variant}"):
-                    continue
-                fn = lambda: encode(model, pixels[b], bf16=bf16, channels_last=cl)  # noqa: E731
-                first, tokens = wall(part, fn)
-                secs = seconds(part, fn, repeat=3 if cfg.image_size >= 256 else 5)
-                with torch.no_grad(), torch.autocast(part.device, dtype=torch.bfloat16, enabled=bf16):
-                    x = Preprocess.to_model(pixels[b])
-                    z = model.encoder(x.contiguous(memory_format=torch.channels_last) if cl else x)
-                quant = seconds(part, lambda: model.quantizer.indices(z), repeat=5)
-                fp32.setdefault(b, (secs, tokens))
-                base, ref = fp32[b]
-                t.add(name, b, variant, rate(b / secs), f"{base / secs:.2f}x", f"{100 * quant / secs:.0f}%",
-                      f"{100 * (tokens == ref).float().mean().item():.2f}%", f"{first:.1f}")
-        del model, pixels
-        if part.device == "cuda":
-            torch.cuda.empty_cache()
+            measure(part, t, name, model, pixels, fp32, *variant)
+        built.append((name, model, pixels, fp32))
+    for name, model, pixels, fp32 in built:  # compiled last: compiling takes longest
+        if part.has_time(COMPILE_S[model.cfg.arch] + 10, f"{name}: {COMPILED[0]}"):
+            model.encoder = torch.compile(model.encoder, backend="eager" if part.smoke else "inductor")
+            measure(part, t, name, model, pixels, fp32, *COMPILED)
     t.note("random weights; pixels pre-decoded on the device (no reading, decoding or host copies: the ceiling "
            "tokenize can reach); the quantizer share is quantizer.indices alone over the row's total")
+
+
+def measure(part: Part, t, name: str, model, pixels: dict, fp32: dict, variant: str, bf16: bool, cl: bool) -> None:
+    """One row per batch size: img/s of encode(), the quantizer's share, tokens equal to fp32's."""
+    from vqtok import Preprocess
+
+    for b, px in pixels.items():
+        if not part.has_time(10, f"{name} batch {b}: {variant}"):
+            continue
+        fn = lambda: encode(model, px, bf16=bf16, channels_last=cl)  # noqa: E731
+        first, tokens = wall(part, fn)
+        secs = seconds(part, fn, repeat=3 if model.cfg.image_size >= 256 else 5)
+        with torch.no_grad(), torch.autocast(part.device, dtype=torch.bfloat16, enabled=bf16):
+            x = Preprocess.to_model(px)
+            z = model.encoder(x.contiguous(memory_format=torch.channels_last) if cl else x)
+        quant = seconds(part, lambda: model.quantizer.indices(z), repeat=5)
+        fp32.setdefault(b, (secs, tokens))
+        base, ref = fp32[b]
+        t.add(name, b, variant, rate(b / secs), f"{base / secs:.2f}x", f"{100 * quant / secs:.0f}%",
+              f"{100 * (tokens == ref).float().mean().item():.2f}%", f"{first:.1f}")

@@ -1,7 +1,9 @@
 """The `gpu`-marked tests on the machine's own torch (`python -m pytest -m gpu`), from the test files
 that hold them (GPU_TEST_FILES: the other test files import packages a GPU machine may lack, such
-as Ray). One row per test: its outcome and seconds. A smoke run only collects them, which still
-imports every module they need."""
+as Ray), in WORKERS processes where pytest-xdist is installed: the first call of the Triton kernel
+for each shape class compiles and autotunes its configurations, one core each, which dominates.
+One row per test: its outcome and seconds. A smoke run only collects them, which still imports
+every module they need."""
 from __future__ import annotations
 
 import importlib.util
@@ -16,6 +18,7 @@ TITLE = "gpu tests (pytest -m gpu) on the machine's torch"
 REPO = Path(__file__).resolve().parents[2]
 GPU_TEST_FILES = ["tests/test_gpu.py", "tests/test_kernels.py"]  # tests/test_gpu_suite.py checks this list
 TEST_TIMEOUT_S = 120  # one test, when pytest-timeout is there
+WORKERS = 4  # pytest-xdist processes, when it is there (the tests' first kernel calls compile and autotune)
 
 
 def run(part: Part) -> None:
@@ -30,6 +33,8 @@ def run(part: Part) -> None:
            *GPU_TEST_FILES]
     if importlib.util.find_spec("pytest_timeout"):
         cmd.append(f"--timeout={TEST_TIMEOUT_S}")
+    if importlib.util.find_spec("xdist"):  # Triton compiles each kernel configuration on one core: spread them
+        cmd += ["-n", str(WORKERS)]
     proc = subprocess.run(cmd, cwd=REPO)  # its output goes to this part's log
     t = part.table("gpu tests", ["test", "outcome", "s", "message"])
     outcomes = {}
