@@ -62,7 +62,7 @@ def test_the_cpu_smoke_run_goes_through_every_part_and_writes_its_tables(smoke):
     assert {f"parts/{p}{s}" for p in PARTS for s in (".md", ".json", ".log")} <= names
     assert sorted(f.name for f in out.iterdir()) == ["parts.tar.gz", "suite.json", "suite.md"]  # the device returns 8 files
     tests = record["parts"]["tests"]["tables"][0]
-    assert len(tests["rows"]) >= 11 and all(row[1] == "collected" for row in tests["rows"])
+    assert len(tests["rows"]) >= 11 and all(row[1] == "skipped" for row in tests["rows"])  # no CUDA in a smoke run
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")

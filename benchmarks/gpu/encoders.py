@@ -24,8 +24,8 @@ def models(smoke: bool):
 
     if smoke:
         return [("conv 28px (tiny)", VQVAEConfig(width=16, code_dim=8, codebook_size=16, res_blocks=1), (4,)),
-                ("vqgan 32px (llamagen-vq16 shape, tiny)",
-                 VQVAEConfig.from_preset("llamagen-vq16", image_size=32, width=32, codebook_size=32, res_blocks=1), (2,))]
+                ("vqgan 16px (llamagen-vq16 shape, tiny)",
+                 VQVAEConfig.from_preset("llamagen-vq16", image_size=16, width=32, codebook_size=32, res_blocks=1), (2,))]
     return [("conv 28px (default)", VQVAEConfig(), (64, 256, 1024)),
             ("llamagen-vq16 256px", VQVAEConfig.from_preset("llamagen-vq16"), (64, 256))]
 

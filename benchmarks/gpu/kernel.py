@@ -140,7 +140,6 @@ def one_shape(part: Part, nearest_code, n: int, k: int, d: int, rates: dict, sum
     near = e[torch.randint(0, k, (n,), device=part.device, generator=g)] + 0.05 * torch.randn(n, d, device=part.device, generator=g)
     vq_stats = {}
     t["fast, VQ-like x"] = seconds(part, lambda: nearest_code(near, e, precision="fast", stats=vq_stats))
-    del near
 
     def row(method, secs, agree):
         methods.add(shape, method, f"{secs * 1e3:.2f}", f"{flops / secs / 1e12:.1f}", f"{100 * flops / secs / rates['bf16']:.0f}%",

@@ -2,11 +2,12 @@
 that hold them (GPU_TEST_FILES: the other test files import packages a GPU machine may lack, such
 as Ray), in WORKERS processes where pytest-xdist is installed: the first call of the Triton kernel
 for each shape class compiles and autotunes its configurations, one core each, which dominates.
-One row per test: its outcome and seconds. A smoke run only collects them, which still imports
-every module they need."""
+One row per test: its outcome and seconds. In a smoke run (CUDA hidden) every test is skipped,
+after its module imported everything it needs."""
 from __future__ import annotations
 
 import importlib.util
+import signal
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -18,15 +19,14 @@ TITLE = "gpu tests (pytest -m gpu) on the machine's torch"
 REPO = Path(__file__).resolve().parents[2]
 GPU_TEST_FILES = ["tests/test_gpu.py", "tests/test_kernels.py"]  # tests/test_gpu_suite.py checks this list
 TEST_TIMEOUT_S = 120  # one test, when pytest-timeout is there
+INTERRUPT_S = 20  # pytest is stopped this long before the part's limit, so that its report is written
 WORKERS = 4  # pytest-xdist processes, when it is there (the tests' first kernel calls compile and autotune)
 
 
 def run(part: Part) -> None:
-    if part.smoke:
-        return collect(part)
     import torch
 
-    if not torch.cuda.is_available():
+    if not part.smoke and not torch.cuda.is_available():
         part.skip(NO_CUDA)
     junit = part.work / "tests.xml"
     cmd = [sys.executable, "-m", "pytest", "-m", "gpu", "-q", "-rfE", "-p", "no:cacheprovider", f"--junitxml={junit}",
@@ -35,8 +35,11 @@ def run(part: Part) -> None:
         cmd.append(f"--timeout={TEST_TIMEOUT_S}")
     if importlib.util.find_spec("xdist"):  # Triton compiles each kernel configuration on one core: spread them
         cmd += ["-n", str(WORKERS)]
-    proc = subprocess.run(cmd, cwd=REPO)  # its output goes to this part's log
+    rc, interrupted = pytest(cmd, part)
     t = part.table("gpu tests", ["test", "outcome", "s", "message"])
+    if not junit.exists():
+        part.status, part.reason = "failed", f"pytest (exit {rc}) wrote no report: see tests.log in parts.tar.gz"
+        return
     outcomes = {}
     for case in ET.parse(junit).getroot().iter("testcase"):
         outcome, message = "passed", ""
@@ -48,20 +51,22 @@ def run(part: Part) -> None:
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         t.add(f"{case.get('classname', '').split('.')[-1]}::{case.get('name')}", outcome,
               f"{float(case.get('time', 0)):.1f}", message.replace("|", "/"))
-    t.note(", ".join(f"{n} {k}" for k, n in sorted(outcomes.items())) + f" (pytest exit {proc.returncode})")
-    if proc.returncode != 0:
-        part.status, part.reason = "failed", f"pytest exit {proc.returncode}: {outcomes}"
+    t.note(", ".join(f"{n} {k}" for k, n in sorted(outcomes.items())) + f" (pytest exit {rc})"
+           + ("; interrupted at the part's time limit: the tests not listed did not run" if interrupted else ""))
+    if rc != 0:
+        part.status, part.reason = "failed", f"pytest exit {rc}: {outcomes}" + (" (interrupted)" if interrupted else "")
 
 
-def collect(part: Part) -> None:
-    """Collect only: every gpu test's module imports, and the tests are found."""
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-m", "gpu", "--collect-only", "-q", "-p", "no:cacheprovider",
-                           *GPU_TEST_FILES], cwd=REPO, capture_output=True, text=True)
-    print(proc.stdout, proc.stderr, flush=True)
-    ids = [ln for ln in proc.stdout.splitlines() if "::" in ln]
-    t = part.table("gpu tests, collected only (smoke)", ["test", "outcome"])
-    for test_id in ids:
-        t.add(test_id, "collected")
-    t.note(f"{len(ids)} gpu tests collected (pytest exit {proc.returncode})")
-    if proc.returncode != 0 or not ids:
-        part.status, part.reason = "failed", f"collecting the gpu tests failed (pytest exit {proc.returncode})"
+def pytest(cmd: list[str], part: Part) -> tuple[int, bool]:
+    """(exit status, interrupted): pytest is interrupted (SIGINT, as Ctrl-C: it still writes its
+    report) INTERRUPT_S before the part's time limit, and killed if it has not stopped 10 s later."""
+    proc = subprocess.Popen(cmd, cwd=REPO)  # its output goes to this part's log
+    try:
+        return proc.wait(timeout=max(5.0, part.left() - INTERRUPT_S)), False
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(timeout=10), True
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return proc.wait(), True

@@ -104,7 +104,7 @@ def run(part: Part) -> None:
     size = SIZES[part.smoke]
     pattern = write_corpus(part.work / "corpus", size["shards"], size["per_shard"])
     torch.manual_seed(0)
-    cfg = (VQVAEConfig.from_preset("llamagen-vq16", image_size=32, width=32, codebook_size=32, res_blocks=1)
+    cfg = (VQVAEConfig.from_preset("llamagen-vq16", image_size=16, width=32, codebook_size=32, res_blocks=1)
            if part.smoke else VQVAEConfig.from_preset("llamagen-vq16"))
     tok_dir = part.work / "tokenizer"
     Tokenizer(VQVAE(cfg)).save(tok_dir)

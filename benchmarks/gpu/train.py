@@ -31,27 +31,28 @@ def run(part: Part) -> None:
     for name, cfg, batches in tokenizers(part.smoke):
         for b in batches:
             if part.has_time(15 if cfg.arch == "conv" else 30, f"{name} batch {b}"):
-                measure(part, tok, name, b, lambda: tokenizer_task(part, cfg, b), "img", b)
+                measure(part, tok, name, b, tokenizer_task(part, cfg, b), "img")
     pri = part.table("Prior training (trainer loop, bf16 autocast)",
                      ["prior", "batch", "image tokens/s", "grids/s", "ms per step"])
     for spec in specs(part.smoke):
         for b in (64, 256) if spec.grid < 16 and not part.smoke else (32,) if not part.smoke else (4,):
             if part.has_time(15, f"{spec.name} batch {b}"):
-                measure(part, pri, spec.name, b, lambda: prior_task(part, spec, b), "tok", b, per=spec.grid**2)
+                measure(part, pri, spec.name, b, prior_task(part, spec, b), "tok", per=spec.grid**2)
     part.note("one GPU: NCCL across GPUs (Ray Train --workers N) is not measured; synthetic batches already on the "
               "device (tokenizers) or in host memory as the token stream gives them (priors)")
 
 
-def measure(part: Part, table, name: str, batch: int, make, unit: str, items: int, per: int = 1) -> None:
+def measure(part: Part, table, name: str, batch: int, task: tuple, unit: str, per: int = 1) -> None:
+    """A row of `table`: `task` (task class, config, payload, batch) trained for its steps."""
     try:
-        per_s = train(part, *make(), unit)
+        per_s = train(part, *task, unit)
     except Exception as e:
         if not oom(e):
             raise
         table.note(f"{name} batch {batch}: out of memory")
         torch.cuda.empty_cache()
         return
-    step_ms = 1e3 * items * per / per_s
+    step_ms = 1e3 * batch * per / per_s
     cells = [rate(per_s), rate(per_s / per)] if unit == "tok" else [rate(per_s)]
     table.add(name, batch, *cells, f"{step_ms:.1f}")
 
@@ -94,8 +95,8 @@ def tokenizers(smoke: bool):
     if smoke:
         return [("conv 28px (tiny)", VQVAEConfig(width=16, code_dim=8, codebook_size=16, res_blocks=1, kmeans_init=False),
                  (4,)),
-                ("vqgan 32px (llamagen-vq16 shape, tiny)", VQVAEConfig.from_preset(
-                    "llamagen-vq16", image_size=32, width=32, codebook_size=32, res_blocks=1, kmeans_init=False), (2,))]
+                ("vqgan 16px (llamagen-vq16 shape, tiny)", VQVAEConfig.from_preset(
+                    "llamagen-vq16", image_size=16, width=32, codebook_size=32, res_blocks=1, kmeans_init=False), (2,))]
     return [("conv 28px (default)", VQVAEConfig(kmeans_init=False), (128, 512)),
             ("llamagen-vq16 256px", VQVAEConfig.from_preset("llamagen-vq16", kmeans_init=False), (8, 32))]
 
