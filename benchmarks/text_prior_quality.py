@@ -27,6 +27,10 @@ training stages resume from their last checkpoint):
   captioning  greedy captions (TextPrior.captions) of the test images' tokens (--caption-rows of the
               10k, in dataset order): garment_of(caption) == true class; and, where the caption says
               "dark" or "light", whether the image's brightness class (the captioner's tertiles) agrees.
+  cost        training cost side by side: the two trained Fashion-MNIST priors (same shape), a training
+              step each (forward, backward, AdamW) on the same 64 train rows, in turns, --cost-rounds
+              rounds of 10 steps after a warm-up; image tokens/s (49 per row) and all positions/s. The
+              sampling rates come from the fidelity stage (the two priors sampled in turns per scale).
   report      the table, appended to benchmarks/RESULTS.md (always re-run; --no-append to print only).
 
 Held-out bits per image token with the caption and with the empty caption come from each text prior's
@@ -75,7 +79,7 @@ import vqtok  # noqa: E402
 from vqtok import Prior, TokenDataset  # noqa: E402
 
 STAGES = ("tokenizer", "tokens", "text-tokenizer", "prior-text", "prior-class", "prior-clip", "fidelity", "attributes", "captioning",
-          "report")
+          "cost", "report")
 CLIP_SHARDS = REPO / "benchmarks" / "out" / "captions" / "openclipart-all-28px-500" / "shards"
 # One prompt per garment: held-out phrasings (no caption uses them) for five, caption phrasings in
 # caption templates for the other five.
@@ -299,6 +303,38 @@ def stage_captioning(a, out: Path, done: dict) -> dict:
             "distinct": len(set(caps))}
 
 
+def stage_cost(a, out: Path, done: dict) -> dict:
+    ds = TokenDataset(str(out / "tokens-train"))
+    t = ds.to_table(["tokens", "label", "caption"]).slice(0, a.batch_size)
+    grids = torch.as_tensor(ds.grids(t).astype(np.int64))
+    labels = torch.as_tensor(np.asarray(t.column("label").to_pylist()))
+    models = {"text": Prior.load(done["prior-text"]["prior_dir"]), "class": Prior.load(done["prior-class"]["prior_dir"])}
+    text_ids = models["text"].encode_text(t.column("caption").to_pylist())
+    orders = ["text-first", "image-first"] * (a.batch_size // 2)
+    steps = {"text": lambda m: m.loss(text_ids, grids, orders), "class": lambda m: m.loss(grids, labels)}
+    opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
+    secs = {k: 0.0 for k in models}
+    for k, m in models.items():
+        m.train()
+    for r in range(a.cost_rounds + 1):
+        for k, m in models.items():
+            t0 = time.perf_counter()
+            for _ in range(10):
+                loss = steps[k](m)
+                opts[k].zero_grad()
+                loss.backward()
+                opts[k].step()
+            if r:  # round 0 warms up
+                secs[k] += time.perf_counter() - t0
+    n = a.cost_rounds * 10 * a.batch_size
+    res = {k: {"image_tokens_per_s": n * 49 / secs[k], "steps_per_s": a.cost_rounds * 10 / secs[k],
+               "seq_len": models[k].cfg.seq_len if k == "text" else models[k].cfg.prefix_len + 49} for k in models}
+    for k in models:
+        res[k]["positions_per_s"] = res[k]["image_tokens_per_s"] / 49 * res[k]["seq_len"]
+        print(f"cost {k}: {res[k]['image_tokens_per_s']:,.0f} image tokens/s", flush=True)
+    return res
+
+
 def _rel(path: str | None) -> str | None:
     try:
         return str(Path(path).resolve().relative_to(REPO))
@@ -340,13 +376,20 @@ def report(a, out: Path, done: dict) -> tuple[str, bool]:
                      f"{cap['brightness_said'] / cap['rows']:.3f} of images; true class exists for "
                      f"{cap['brightness_true_rows'] / cap['rows']:.3f})", "-"])
         bars.append(("captions name the right garment >= 80%", cap["garment_right"] >= 0.80))
-    if pt and pc:
-        rows.append(["training tokens/s at the end (noisy: shared cores)", f"{pt['tokens_per_s']:,.0f}",
+    cost = done.get("cost")
+    if cost:
+        ct, cc = cost["text"], cost["class"]
+        rows.append([f"training image tokens/s (cost stage: {a.batch_size} rows, in turns)",
+                     f"{ct['image_tokens_per_s']:,.0f} ({ct['seq_len']} ids a row; "
+                     f"{ct['image_tokens_per_s'] / cc['image_tokens_per_s']:.2f}x the class prior's)",
+                     f"{cc['image_tokens_per_s']:,.0f} ({cc['seq_len']} ids a row)"])
+    elif pt and pc:
+        rows.append(["training tokens/s at the end of training (separate runs: noisy)", f"{pt['tokens_per_s']:,.0f}",
                      f"{pc['tokens_per_s']:,.0f}"])
     if f:
         r = f["scales"][best]
-        rows.append([f"sampling images/s at cfg {float(best):g} (noisy: shared cores)", f"{r['text_img_per_s']:.1f}",
-                     f"{r['class_img_per_s']:.1f}"])
+        rows.append([f"sampling images/s at cfg {float(best):g}, decoded (the two in turns)", f"{r['text_img_per_s']:.1f} "
+                     f"({r['text_img_per_s'] / r['class_img_per_s']:.2f}x)", f"{r['class_img_per_s']:.1f}"])
     tt = done.get("text-tokenizer", {"text_tokenizer": "bytes", "vocab_size": 256})
     tname = "bytes" if tt["text_tokenizer"] == "bytes" else f"BPE, {tt['vocab_size']} ids"
     body = table(["measure", f"text prior ({tname}, order both)", "class prior, same tokens and shape"], rows)
@@ -415,6 +458,7 @@ def main() -> int:
     p.add_argument("--cfg-scales", default="1,2,3,5")
     p.add_argument("--attr-cfg", type=float, default=3.0, help="cfg scale of the attribute prompts (fixed beforehand)")
     p.add_argument("--caption-rows", type=int, default=None)
+    p.add_argument("--cost-rounds", type=int, default=3, help="rounds of 10 training steps per prior in the cost stage")
     p.add_argument("--note", default="", help="a sentence added to the table's notes (e.g. how the stages ran)")
     p.add_argument("--no-append", action="store_true")
     a = p.parse_args()
@@ -451,7 +495,8 @@ def main() -> int:
         elif stage == "text-tokenizer":
             r = stage_text_tokenizer(a, out)
         else:
-            r = {"fidelity": stage_fidelity, "attributes": stage_attributes, "captioning": stage_captioning}[stage](a, out, done)
+            r = {"fidelity": stage_fidelity, "attributes": stage_attributes, "captioning": stage_captioning,
+                 "cost": stage_cost}[stage](a, out, done)
         r["stage_seconds"], r["load_at_start"] = time.time() - t0, load
         save_json(path, r)
         done[stage] = r
