@@ -80,6 +80,7 @@ from vqtok import Prior, TokenDataset  # noqa: E402
 
 STAGES = ("tokenizer", "tokens", "text-tokenizer", "prior-text", "prior-class", "prior-clip", "fidelity", "attributes", "captioning",
           "cost", "report")
+CLIP_TEXT_BYTES = 56  # the openclipart prior's captions (titles as bytes) are cut to this many
 CLIP_SHARDS = REPO / "benchmarks" / "out" / "captions" / "openclipart-all-28px-500" / "shards"
 # One prompt per garment: held-out phrasings (no caption uses them) for five, caption phrasings in
 # caption templates for the other five.
@@ -206,7 +207,9 @@ def stage_prior(a, out: Path, name: str, text_tokenizer: str) -> dict:
                 log_every=max(1, steps // 30), checkpoint_every=max(1, steps // 5), threads=2)
     if text:
         # the openclipart prior reads its titles as bytes: a BPE fitted on garment captions does not fit them
-        opts |= dict(text_tokenizer="bytes" if clip else text_tokenizer, order="both", max_text_tokens=a.max_text_tokens, caption_dropout=0.1)
+        # (and up to CLIP_TEXT_BYTES of them: titles are longer than garment captions)
+        opts |= dict(text_tokenizer="bytes" if clip else text_tokenizer, order="both",
+                     max_text_tokens=CLIP_TEXT_BYTES if clip else a.max_text_tokens, caption_dropout=0.1)
     t0 = time.time()
     res = vqtok.train_prior(**opts)
     m = res.metrics
@@ -408,7 +411,7 @@ def report(a, out: Path, done: dict) -> tuple[str, bool]:
              f"train grids (text: {tname}{' fitted on the train captions' if tname != 'bytes' else ''}, order both, max {a.max_text_tokens} text ids, caption dropout 0.1); the "
              f"openclipart text prior the same shape, {a.clip_steps} steps on {tok.get('clip-train', 0):,} drawings at 28 px "
              f"(held out: the last {a.clip_val_shards} shards, {tok.get('clip-val', 0):,} drawings), tokenized with the "
-             f"Fashion-MNIST tokenizer (its text as bytes). One process, 2 threads; load average (1 min) at the start of "
+             f"Fashion-MNIST tokenizer (its text as bytes, at most {CLIP_TEXT_BYTES} of them). One process, 2 threads; load average (1 min) at the start of "
              f"each stage: " + ", ".join(f"{s} {done[s]['load_at_start']:.1f}" for s in done if "load_at_start" in done[s])
              + " (above 2, the cores were shared and seconds and rates are noisy; the quality figures are not).\n")
     if f:
