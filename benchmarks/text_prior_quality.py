@@ -29,7 +29,7 @@ training stages resume from their last checkpoint):
               "dark" or "light", whether the image's brightness class (the captioner's tertiles) agrees.
   cost        training cost side by side: the two trained Fashion-MNIST priors (same shape), a training
               step each (forward, backward, AdamW) on the same 64 train rows, in turns, --cost-rounds
-              rounds of 10 steps after a warm-up; image tokens/s (49 per row) and all positions/s. The
+              rounds of 10 steps after a warm-up; image tokens/s (h*w per row) and all positions/s. The
               sampling rates come from the fidelity stage (the two priors sampled in turns per scale).
   report      the table, appended to benchmarks/RESULTS.md (always re-run; --no-append to print only).
 
@@ -329,11 +329,11 @@ def stage_cost(a, out: Path, done: dict) -> dict:
                 opts[k].step()
             if r:  # round 0 warms up
                 secs[k] += time.perf_counter() - t0
-    n = a.cost_rounds * 10 * a.batch_size
-    res = {k: {"image_tokens_per_s": n * 49 / secs[k], "steps_per_s": a.cost_rounds * 10 / secs[k],
-               "seq_len": models[k].cfg.seq_len if k == "text" else models[k].cfg.prefix_len + 49} for k in models}
+    rows, per_row = a.cost_rounds * 10 * a.batch_size, grids[0].numel()
+    seq_len = {"text": models["text"].cfg.seq_len, "class": models["class"].cfg.prefix_len + per_row}
+    res = {k: {"image_tokens_per_s": rows * per_row / secs[k], "steps_per_s": a.cost_rounds * 10 / secs[k],
+               "seq_len": seq_len[k], "positions_per_s": rows * seq_len[k] / secs[k]} for k in models}
     for k in models:
-        res[k]["positions_per_s"] = res[k]["image_tokens_per_s"] / 49 * res[k]["seq_len"]
         print(f"cost {k}: {res[k]['image_tokens_per_s']:,.0f} image tokens/s", flush=True)
     return res
 

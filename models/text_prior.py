@@ -129,7 +129,8 @@ class TextPrior(nn.Module):
               orders: str | Sequence[str] = TEXT_FIRST, *, drop: Sequence[bool] | None = None) -> Batch:
         """Rows of the one vocabulary's sequences, padded (module docstring). text_ids: each row's
         caption ids (None: the empty caption), cut to max_text_tokens; tokens (B, h, w) or (B, h*w)
-        codes; drop[i]: use the empty caption instead (caption dropout)."""
+        codes; drop[i]: use the empty caption instead (caption dropout), in a text-first row only
+        (an image-first row's caption is its target: emptied, it would only teach empty captions)."""
         v, cfg = self.vocab, self.cfg
         tokens = torch.as_tensor(np.asarray(tokens)).reshape(len(text_ids), -1).long()
         b, L, m = len(text_ids), cfg.seq_len, v.max_text_tokens
@@ -139,7 +140,8 @@ class TextPrior(nn.Module):
         image_at = torch.zeros(b, dtype=torch.long)
         truncated = empty = 0
         for i, (ids, order) in enumerate(zip(text_ids, orders)):
-            ids, cut = v.truncate(list(ids) if ids is not None and not (drop is not None and drop[i]) else [])
+            dropped = drop is not None and drop[i] and order == TEXT_FIRST
+            ids, cut = v.truncate(list(ids) if ids is not None and not dropped else [])
             truncated += cut
             empty += not len(ids)
             row = torch.from_numpy(v.sequence(ids, tokens[i].numpy(), order).astype(np.int64))
@@ -182,15 +184,12 @@ class TextPrior(nn.Module):
     def loss(self, text_ids, tokens, orders: str | Sequence[str] = TEXT_FIRST, *, reduction: str = "mean",
              generator: torch.Generator | None = None) -> torch.Tensor:
         """Weighted cross-entropy (nats per scored id) of the rows' sequences. In training mode
-        each text-first row's caption is dropped (made empty) with probability caption_dropout, so
-        the model also learns the empty-caption branch guidance needs; image-first rows keep theirs
-        (there the caption is the target: an emptied one would only teach empty captions)."""
+        text-first row's caption is dropped (made empty) with probability caption_dropout, so the
+        model also learns the empty-caption branch guidance needs (batch: image-first rows keep theirs)."""
         b = len(text_ids)
         drop = None
         if self.training and self.cfg.caption_dropout > 0:
-            firsts = [orders] * b if isinstance(orders, str) else list(orders)
-            draw = (torch.rand(b, generator=generator) < self.cfg.caption_dropout).tolist()
-            drop = [d and o == TEXT_FIRST for d, o in zip(draw, firsts)]
+            drop = (torch.rand(b, generator=generator) < self.cfg.caption_dropout).tolist()
         return self.batch_loss(self.batch(text_ids, tokens, orders, drop=drop), reduction=reduction)
 
     def batch_loss(self, batch: Batch, reduction: str = "mean") -> torch.Tensor:
