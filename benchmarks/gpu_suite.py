@@ -132,6 +132,11 @@ class Suite:
         log = self.work / f"{name}.log"
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         env.setdefault("TRITON_PRINT_AUTOTUNING", "1")  # each autotuning's seconds and choice, in the part's log
+        # Triton keeps compiled kernels and (cache_results) the autotuner's choices on disk. The tests
+        # tune under load (pytest-xdist workers share the GPU) and at test sizes: their choices must
+        # not become the benchmarks'. So the tests get a cache of their own; the measuring parts share
+        # one that starts empty (the kernel part's first calls are a fresh install's).
+        env["TRITON_CACHE_DIR"] = str(self.work / ("triton-tests" if name == "tests" else "triton"))
         if self.smoke:
             env["CUDA_VISIBLE_DEVICES"] = ""  # the CPU path even on a GPU machine
         cmd = [sys.executable, str(Path(__file__).resolve()), "--run-part", name, "--work", str(self.work),

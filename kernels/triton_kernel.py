@@ -23,8 +23,10 @@ On a CPU tensor the same kernel runs under Triton's interpreter (TRITON_INTERPRE
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -59,39 +61,70 @@ from .distance import distance_to  # noqa: E402
 FP16_UNIT = 2.0**-11  # unit roundoff of float16 (11 significant bits)
 FP16_SAFE = 30_000.0  # operands beyond this (in magnitude) take the exact path
 FP32_UNIT = 2.0**-24
+SMEM_FALLBACK = 101_376  # bytes of shared memory per block where the device cannot be asked (sm_86's)
 
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _prune(configs, named_args, **kwargs):
-    """Drop tile configurations whose pipelined tiles overflow shared memory."""
+def _smem_per_block() -> int:
     try:
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
-        smem = getattr(props, "shared_memory_per_block_optin", 0) or 101_376
+        return getattr(props, "shared_memory_per_block_optin", 0) or SMEM_FALLBACK
     except Exception:
-        smem = 101_376
-    # Tiles are staged in shared memory as loaded (the fp16 cast happens after the load).
-    elem = max(t.element_size() for t in (named_args.get("x_ptr"), named_args.get("e_ptr"))
-               if hasattr(t, "element_size")) if "x_ptr" in named_args else 4
-    d = named_args.get("D", 256)
-    keep = []
-    for c in configs:
-        bn, bk, bd = c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_D"]
-        if bd > max(16, triton.next_power_of_2(d)):
-            continue  # a slice wider than D only loads padding
-        if (bn + bk) * bd * elem * c.num_stages <= smem:
-            keep.append(c)
+        return SMEM_FALLBACK
+
+
+def smem_bytes(config, elem_size: int) -> int:
+    """Shared memory a configuration takes, an upper bound: the x and codebook slices in flight,
+    staged as loaded (the fp16 cast of fast mode comes after the load): num_stages - 1 x slices and
+    num_stages + 1 codebook slices. That is what Triton's sm_90 code allocates for fp32 operands
+    (tests/test_kernels.py compiles every kept configuration for sm_90 and checks it); fast mode
+    takes less."""
+    bn, bk, bd = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"], config.kwargs["BLOCK_D"]
+    return (bn * (config.num_stages - 1) + bk * (config.num_stages + 1)) * bd * elem_size
+
+
+def configs_for(d: int, elem_size: int = 4, smem: int | None = None, configs: list | None = None) -> list:
+    """The configurations worth compiling for D, operands of `elem_size` bytes and `smem` bytes of
+    shared memory per block (default: the current device's), out of `configs` (default: all):
+    - the two widest D slices that D fills (BLOCK_D <= max(16, D's next power of two)): a slice
+      wider than D only loads padding, thinner ones starve the tensor cores;
+    - pipelining no deeper than the loop over D is long (num_stages <= max(2, its steps)): Triton
+      pipelines that loop, so deeper stages only take shared memory;
+    - tiles that fit in shared memory.
+    Compiling is the first call's cost (about a second per configuration and mode), so fewer is
+    better: at fp32, 16 at D = 256, 12 at D = 64, 6 at D <= 16, of 72."""
+    configs = gpu_configs() if configs is None else configs
+    smem = _smem_per_block() if smem is None else smem
+    widest = max(16, triton.next_power_of_2(d))
+    slices = sorted({c.kwargs["BLOCK_D"] for c in configs if c.kwargs["BLOCK_D"] <= widest})[-2:]
+    keep = [c for c in configs
+            if c.kwargs["BLOCK_D"] in slices
+            and c.num_stages <= max(2, triton.cdiv(d, c.kwargs["BLOCK_D"]))
+            and smem_bytes(c, elem_size) <= smem]
     return keep or configs[:1]
+
+
+def _prune(configs, named_args, **kwargs):
+    """Triton's early_config_prune: configs_for this launch's D and operands."""
+    tensors = [t for t in (named_args.get("x_ptr"), named_args.get("e_ptr")) if hasattr(t, "element_size")]
+    elem = max((t.element_size() for t in tensors), default=4)
+    return configs_for(int(named_args.get("D", 256)), elem, configs=configs)
 
 
 def _configs():
     if _interpreting():  # the interpreter runs one config; small tiles keep it quick
         return [triton.Config({"BLOCK_N": 32, "BLOCK_K": 32, "BLOCK_D": 32}, num_warps=4, num_stages=1)]
+    return gpu_configs()
+
+
+def gpu_configs() -> list:
+    """Every configuration the autotuner may time on a GPU (before _prune picks those for a D)."""
     out = []
     for bn, bk, warps in ((64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8), (128, 256, 8), (256, 128, 8)):
-        for bd in (32, 64, 128):
+        for bd in (16, 32, 64, 128):  # 16: the tokenizers' D of 8 and 16 (tl.dot's smallest fp16 slice)
             for stages in (2, 3, 4):
                 out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=warps,
                                          num_stages=stages))
@@ -152,10 +185,93 @@ def _nearest_code_kernel(
         tl.store(second_ptr + rows, second, mask=row_mask)
 
 
+def _autotune(**options):
+    """triton.autotune with `options` this Triton version knows (cache_results came in 3.3)."""
+    known = inspect.signature(triton.autotune).parameters
+    return triton.autotune(**{k: v for k, v in options.items() if k in known})
+
+
 with _interpreter_env():  # what triton.jit makes of the kernel depends on TRITON_INTERPRET
-    _nearest_code_kernel = triton.autotune(configs=_configs(), key=["K", "D", "LOW_PRECISION"],
-                                           prune_configs_by={"early_config_prune": _prune})(
-        triton.jit(_nearest_code_kernel))
+    _jit_kernel = triton.jit(_nearest_code_kernel)
+    # The best configuration per (K, D, mode, dtypes) is also kept on disk (cache_results), beside
+    # the compiled kernels: a later process (each Ray worker, the next job) skips the timing.
+    _nearest_code_kernel = _autotune(configs=_configs(), key=["K", "D", "LOW_PRECISION"],
+                                     prune_configs_by={"early_config_prune": _prune},
+                                     cache_results=True)(_jit_kernel)
+
+# Before the autotuner first times a (K, D, mode, dtypes), every configuration it will time is
+# compiled in threads (Triton's compiler and ptxas release the GIL): the autotuner then finds them
+# compiled instead of compiling one after another (about a second each). VQTOK_COMPILE_THREADS sets
+# the threads (default: the cores, at most 16); 1 turns this off.
+COMPILE_THREADS = int(os.environ.get("VQTOK_COMPILE_THREADS", "0")) or min(16, os.cpu_count() or 1)
+_precompiled: set = set()
+_precompile_lock = threading.Lock()
+
+
+def _precompile(args: tuple, kwargs: dict) -> int:
+    """Compile the configurations _prune keeps for this launch, in parallel; returns how many were
+    asked for (0: done before for this key, or not applicable). A configuration that fails to
+    compile is left to the autotuner, which skips it; any other failure only loses the speed-up."""
+    if _interpreting() or COMPILE_THREADS <= 1:
+        return 0
+    x, e = args[0], args[1]
+    key = (x.device, x.dtype, e.dtype, args[7], args[8], kwargs["LOW_PRECISION"], kwargs["TRACK_SECOND"])
+    with _precompile_lock:
+        if key in _precompiled:
+            return 0
+        _precompiled.add(key)
+    configs = _prune(_nearest_code_kernel.configs, dict(zip(_nearest_code_kernel.arg_names, args)))
+    if len(configs) < 2:  # the autotuner times nothing: its one compile is all there is
+        return 0
+
+    def compile_one(config):
+        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+            try:
+                _jit_kernel.warmup(*args, grid=(1,), **kwargs, **config.all_kwargs())
+            except Exception:
+                pass  # out of resources for this configuration, say: the autotuner skips it
+
+    compile_one(configs[0])  # first on this thread: it makes Triton's per-device kernel cache once
+    try:
+        with ThreadPoolExecutor(min(COMPILE_THREADS, len(configs) - 1), thread_name_prefix="vqtok-compile") as pool:
+            list(pool.map(compile_one, configs[1:]))
+    except Exception:  # noqa: BLE001 - threads unavailable: the autotuner compiles as it goes
+        pass
+    return len(configs)
+
+
+def compile_ahead(config, *, low: bool, arch: int = 90):
+    """The kernel compiled for an NVIDIA GPU of compute capability `arch` (90: H100/H200) on a
+    machine without one (Triton compiles ahead of time with the ptxas its wheel carries), in fast
+    mode (`low`) or exact: Triton's compiled kernel, whose .metadata.shared is the shared memory it
+    takes. For checking configurations and their compile time where no GPU is (tests/test_kernels.py,
+    benchmarks/kernel_compile.py). Without CUDA, run it in a process started with TRITON_INTERPRET=0:
+    otherwise this module imports Triton as its interpreter, which compiles nothing."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if _SUPPLY_INTERPRET or _interpreting():
+        raise RuntimeError("compile_ahead: Triton was imported as its interpreter (no CUDA here, or TRITON_INTERPRET=1), "
+                           "which compiles nothing; start the process with TRITON_INTERPRET=0")
+    fn = _jit_kernel
+    signature = {n: "*fp32" for n in ("x_ptr", "e_ptr", "esq_ptr", "best_ptr", "second_ptr")} | {"idx_ptr": "*i32"}
+    signature |= {n: "i32" for n in ("N", "K", "D", "stride_xn", "stride_xd", "stride_ek", "stride_ed")}
+    constants = {"LOW_PRECISION": low, "TRACK_SECOND": low, **config.kwargs}
+    signature |= {n: "constexpr" for n in constants}
+    signature = {n: signature[n] for n in fn.arg_names}  # in the kernel's argument order
+    src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(n),): v for n, v in constants.items()})
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                          options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+
+_last_config: dict = {}
+
+
+def last_configs() -> dict[str, str]:
+    """The configuration each mode's last launch ran ({"exact": ..., "fast": ...}, as
+    "BLOCK_N x BLOCK_K x BLOCK_D, warps, stages"): what the autotuner chose, for benchmarks to report."""
+    return {mode: f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']}x{c.kwargs['BLOCK_D']} w{c.num_warps} s{c.num_stages}"
+            for mode, c in _last_config.items() if c is not None}
 
 
 def _launch(x, e, esq, *, low: bool, track_second: bool):
@@ -167,12 +283,13 @@ def _launch(x, e, esq, *, low: bool, track_second: bool):
     if n == 0:
         return idx, best, second
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+    args = (x, e, esq, idx, best, second, n, k, d, x.stride(0), x.stride(1), e.stride(0), e.stride(1))
+    kwargs = {"LOW_PRECISION": low, "TRACK_SECOND": track_second}
+    if x.is_cuda:
+        _precompile(args, kwargs)
     with _interpreter_env():
-        _nearest_code_kernel[grid](
-            x, e, esq, idx, best, second, n, k, d,
-            x.stride(0), x.stride(1), e.stride(0), e.stride(1),
-            LOW_PRECISION=low, TRACK_SECOND=track_second,
-        )
+        _nearest_code_kernel[grid](*args, **kwargs)
+    _last_config["fast" if low else "exact"] = getattr(_nearest_code_kernel, "best_config", None)
     return idx, best, second
 
 

@@ -82,6 +82,49 @@ def test_kernel_on_cuda_matches_the_fp64_reference(precision, n, k, d, offset):
         assert (idx == ref).float().mean() >= 0.98
 
 
+FIRST_CALL = r"""
+import json, os, pathlib, sys
+import torch
+from vqtok.kernels import nearest_code, nearest_code_reference
+from vqtok.kernels import triton_kernel as tk
+g = torch.Generator().manual_seed(0)
+x, e = torch.randn(3000, 80, generator=g), torch.randn(1000, 80, generator=g)  # a (K, D) no other test uses
+idx = nearest_code(x.cuda(), e.cuda(), precision=sys.argv[1]).cpu()
+agree = (idx == nearest_code_reference(x, e)[0]).float().mean().item()
+cache = pathlib.Path(os.environ["TRITON_CACHE_DIR"])
+print(json.dumps({"agree": agree, "kept": len(tk.configs_for(80, 4)), "precompiled": len(tk._precompiled),
+                  "cubins": len(list(cache.rglob("*.cubin"))), "tunings": len(list(cache.rglob("*.autotune.json")))}))
+"""
+
+
+@pytest.mark.parametrize("precision", ["exact", "fast"])
+def test_the_first_call_compiles_every_kept_configuration_and_keeps_the_tuning(tmp_path, precision):
+    """The first call at a new (K, D) compiles every configuration _prune keeps, in threads, before
+    the autotuner times them, and the chosen one is kept on disk (cache_results, where Triton has
+    it): a second process finds both and compiles nothing."""
+    import inspect
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import triton
+
+    env = os.environ | {"TRITON_CACHE_DIR": str(tmp_path / "triton"), "VQTOK_COMPILE_THREADS": "8"}
+    runs = []
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", FIRST_CALL, precision], env=env, capture_output=True, text=True,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    first, second = runs
+    assert first["agree"] >= 0.99 and second["agree"] >= 0.99
+    assert first["precompiled"] >= 1 and first["cubins"] >= first["kept"]  # every kept one compiled
+    assert second["cubins"] == first["cubins"]  # the second process compiled nothing new
+    if "cache_results" in inspect.signature(triton.autotune).parameters:
+        assert first["tunings"] >= 1
+
+
 # ---------------------------------------------------------------------------------------------
 # The tokenization stages without Ray (read_units -> BatchEncoder -> UnitCollector), CUDA vs CPU
 # ---------------------------------------------------------------------------------------------

@@ -162,3 +162,120 @@ def test_cpu_blocked_argmin_keeps_lowest_index_ties(k):
     idx = nearest_code(x, e, backend="torch")
     assert idx[:3].tolist() == [0, 0, 0]
     assert torch.equal(idx, nearest_code_reference(x, e)[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel's configurations: which are compiled, what they cost, and that they compile for a
+# real GPU (Hopper, sm_90) within the shared memory _prune allows. Compiling needs no GPU: Triton
+# compiles ahead of time for a named target with the ptxas its wheel carries.
+# ---------------------------------------------------------------------------------------------
+H100_SMEM = 232_448  # shared memory per block on an H100/H200 (227 KiB, opt-in)
+
+
+@pytest.mark.parametrize("d,slices", [(8, {16}), (16, {16}), (24, {16, 32}), (64, {32, 64}), (144, {64, 128}),
+                                      (256, {64, 128}), (1024, {64, 128})])
+def test_the_configurations_kept_for_each_d(d, slices):
+    from vqtok.kernels.triton_kernel import configs_for, gpu_configs, smem_bytes
+
+    for elem in (4, 2):
+        kept = configs_for(d, elem, H100_SMEM)
+        assert {c.kwargs["BLOCK_D"] for c in kept} == slices  # the two widest slices D fills
+        for c in kept:
+            assert smem_bytes(c, elem) <= H100_SMEM
+            assert c.num_stages <= max(2, -(-d // c.kwargs["BLOCK_D"]))  # no deeper than the D loop
+        assert len(kept) <= 32, "each kept configuration costs a compile on the first call"
+    # D = 256 at fp32 keeps the matmul-shaped tiles that fit: 128 x 128 x 64 with 3 stages among them
+    kept = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.kwargs["BLOCK_D"], c.num_stages) for c in configs_for(256, 4, H100_SMEM)}
+    assert (128, 128, 64, 3) in kept and (128, 256, 128, 2) not in kept  # the latter: 384 KiB of tiles
+    assert len(gpu_configs()) == 72 and len(configs_for(256, 4, 48 * 1024)) >= 1  # a small GPU still gets one
+
+
+AOT_COMPILE = r"""
+import json, sys
+from vqtok.kernels import triton_kernel as tk
+
+out = []
+for d, low, first_only in json.loads(sys.argv[1]):
+    kept = tk.configs_for(d, 4, %(smem)d)
+    for c in kept[:1] if first_only else kept:
+        k = tk.compile_ahead(c, low=low)
+        out.append([d, low, c.kwargs, c.num_stages, tk.smem_bytes(c, 4), k.metadata.shared, len(k.asm["cubin"])])
+print(json.dumps(out))
+""" % {"smem": H100_SMEM}
+
+
+def compile_for_sm90(tmp_path, cases) -> list:
+    """[d, low, tile, stages, estimated smem, compiled smem, cubin bytes] per configuration compiled."""
+    import json
+
+    pytest.importorskip("triton.backends.nvidia", reason="Triton without its CUDA backend cannot compile for sm_90")
+    env = os.environ | {"TRITON_INTERPRET": "0", "CUDA_VISIBLE_DEVICES": "", "TRITON_CACHE_DIR": str(tmp_path / "triton"),
+                        "TRITON_DEFAULT_FP_FUSION": "1"}
+    out = subprocess.run([sys.executable, "-c", AOT_COMPILE, json.dumps(cases)], env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def check_compiled(rows):
+    for d, low, tile, stages, estimate, shared, cubin in rows:
+        assert cubin > 0
+        assert shared <= H100_SMEM, f"D={d} {tile} x{stages} stages takes {shared} B of shared memory"
+        assert shared <= estimate, f"D={d} {tile} x{stages}: the compiler takes {shared} B, _prune assumed {estimate}"
+        if not low:  # fp32 tiles staged as loaded: the bound is what the compiler allocates
+            assert shared == estimate, f"D={d} {tile} x{stages}: the compiler takes {shared} B, the bound says {estimate}"
+
+
+def test_the_kernel_compiles_for_hopper_in_both_modes(tmp_path):
+    """The first kept configuration at the tokenizers' D = 8 and at D = 256, both modes, as sm_90 code."""
+    rows = compile_for_sm90(tmp_path, [[8, True, True], [8, False, True], [256, True, True], [256, False, True]])
+    assert len(rows) == 4
+    check_compiled(rows)
+
+
+@pytest.mark.slow
+def test_every_kept_configuration_compiles_for_hopper_within_its_shared_memory(tmp_path):
+    cases = [[d, low, False] for d in (8, 64, 256) for low in (True, False)]
+    rows = compile_for_sm90(tmp_path, cases)
+    assert len(rows) == 2 * (6 + 12 + 16)
+    check_compiled(rows)
+
+
+def test_first_launch_compiles_the_kept_configurations_in_threads_once(monkeypatch):
+    """_precompile compiles every configuration the autotuner will time, across threads, once per
+    (device, dtypes, K, D, mode); one that fails to compile does not stop the others. Here Triton's
+    compile step is replaced by a recorder (compiling for real needs a GPU: tests/test_gpu.py)."""
+    import threading
+    import types
+
+    from vqtok.kernels import triton_kernel as tk
+
+    calls, lock = [], threading.Lock()
+
+    def warmup(*args, grid, **kwargs):
+        with lock:
+            calls.append((threading.current_thread().name, kwargs["BLOCK_D"], kwargs["num_stages"], kwargs["BLOCK_N"],
+                          kwargs["BLOCK_K"], kwargs["LOW_PRECISION"]))
+        if kwargs["BLOCK_N"] == 256:
+            raise RuntimeError("out of resources")  # as a configuration too big for the device would
+
+    monkeypatch.setattr(tk, "_jit_kernel", types.SimpleNamespace(warmup=warmup))
+    monkeypatch.setattr(tk, "_nearest_code_kernel", types.SimpleNamespace(configs=tk.gpu_configs(),
+                                                                          arg_names=tk._nearest_code_kernel.arg_names))
+    monkeypatch.setattr(tk, "_interpreting", lambda: False)
+    monkeypatch.setattr(tk, "_smem_per_block", lambda: H100_SMEM)
+    monkeypatch.setattr(tk, "COMPILE_THREADS", 4)
+    monkeypatch.setattr(tk, "_precompiled", set())
+    x, e = torch.randn(100, 256), torch.randn(512, 256)
+    esq = (e * e).sum(1)
+    out = [torch.empty(100, dtype=torch.int32), torch.empty(100), torch.empty(100)]
+    args = (x, e, esq, *out, 100, 512, 256, 256, 1, 256, 1)
+    assert tk._precompile(args, {"LOW_PRECISION": True, "TRACK_SECOND": True}) == 16
+    want = {(c.kwargs["BLOCK_D"], c.num_stages, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in tk.configs_for(256, 4, H100_SMEM)}
+    assert {c[1:5] for c in calls} == want and len(calls) == 16  # each kept one once, the failing ones too
+    assert len({c[0] for c in calls}) > 1  # on more than one thread
+    assert tk._precompile(args, {"LOW_PRECISION": True, "TRACK_SECOND": True}) == 0  # once per key
+    assert len(calls) == 16
+    assert tk._precompile(args, {"LOW_PRECISION": False, "TRACK_SECOND": False}) == 16  # the other mode is its own
+    small = (x[:, :8].contiguous(), e[:, :8].contiguous(), esq, *out, 100, 512, 8, 8, 1, 8, 1)
+    assert tk._precompile(small, {"LOW_PRECISION": True, "TRACK_SECOND": True}) == 6

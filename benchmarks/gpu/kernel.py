@@ -104,7 +104,7 @@ def run(part: Part) -> None:
     summary = part.table("Per shape: vqtok exact and fast mode (Gaussian x and codes)", [
         "N x K x D", "exact ms", "fast ms", "fast TFLOP/s", "fast of bf16 matmul", "exact vs cdist fp32 / TF32",
         "fast vs cdist bf16 / fp16", "fast vs mm bf16", "re-searched", "first call s exact / fast",
-        "peak extra MiB exact / fast (N x K fp32)", "limit"])
+        "peak extra MiB exact / fast (N x K fp32)", "tuned exact / fast (of kept)", "limit"])
     methods = part.table("Every method", ["N x K x D", "method", "ms", "TFLOP/s", "of bf16 matmul", "vs cdist fp32",
                                           "agrees with vqtok exact"])
     targets = []
@@ -119,20 +119,24 @@ def run(part: Part) -> None:
             summary.note(f"{n}x{k}x{d}: out of memory ({str(e)[:120]})")
         if part.device == "cuda":
             torch.cuda.empty_cache()
-    part.note("first call: Triton's autotuning over the kernel's configurations for this K, D and mode, and "
-              "compiling them where an earlier part (tests) had not (compiled kernels stay on disk)")
+    part.note("first call: compiling the configurations the kernel keeps for this D (in threads, where an earlier "
+              "part had not: compiled kernels stay on disk) and Triton's autotuning over them for this K, D and mode "
+              "(kept on disk too, where this Triton has cache_results); 'tuned': the configuration chosen")
     part.note("targets (issue 24): " + "; ".join(f"{what} {'PASS' if ok else 'FAIL'}" for what, ok in targets))
 
 
 def one_shape(part: Part, nearest_code, n: int, k: int, d: int, rates: dict, summary, methods) -> list:
+    from vqtok.kernels.triton_kernel import configs_for, last_configs
+
     shape = f"{n}x{k}x{d}"
     g = torch.Generator(device=part.device).manual_seed(n + k + d)
     x = torch.randn(n, d, device=part.device, generator=g)
     e = torch.randn(k, d, device=part.device, generator=g)
     flops = 2 * n * k * d
-    first, t, extra, stats = {}, {}, {}, {}
+    first, t, extra, stats, tuned = {}, {}, {}, {}, {}
     for mode in ("exact", "fast"):
         first[mode], _ = wall(part, lambda: nearest_code(x, e, precision=mode))
+        tuned[mode] = last_configs().get(mode, "?")
         t[mode] = seconds(part, lambda: nearest_code(x, e, precision=mode, stats=stats if mode == "fast" else None))
         extra[mode] = peak_extra(part, lambda: nearest_code(x, e, precision=mode))
     ref = nearest_code(x, e, precision="exact")
@@ -179,7 +183,8 @@ def one_shape(part: Part, nearest_code, n: int, k: int, d: int, rates: dict, sum
                 f"{ratio('cdist fp32', 'exact')} / {ratio('cdist fp32 TF32', 'exact')}",
                 f"{ratio('cdist bf16', 'fast')} / {ratio('cdist fp16', 'fast')}", ratio("mm bf16", "fast"),
                 f"{100 * flagged:.2f}%", f"{first['exact']:.1f} / {first['fast']:.1f}",
-                f"{mib(extra['exact'])} / {mib(extra['fast'])} ({n * k * 4 / 2**20:,.0f})", why)
+                f"{mib(extra['exact'])} / {mib(extra['fast'])} ({n * k * 4 / 2**20:,.0f})",
+                f"{tuned['exact']} / {tuned['fast']} ({len(configs_for(d, 4)) if part.device == 'cuda' else 1})", why)
     targets = []
     if d >= 256:
         targets.append((f"{shape} fast >= 60% of bf16 matmul", flops / t["fast"] >= 0.6 * rates["bf16"]))
