@@ -19,6 +19,10 @@ precision="fast":  fp16 products with fp32 accumulation, plus a fix-up. The kern
                    code the GPU runs. Inputs beyond fp16's range fall back to exact mode.
 
 On a CPU tensor the same kernel runs under Triton's interpreter (TRITON_INTERPRET=1).
+
+On a GPU, Triton's autotuner picks the tiles per (K, D, bucket of N, mode): configs_for says which
+configurations are worth timing for a D, _precompile compiles them in threads before the first
+timing, tuning_rows is N's bucket. compile_ahead compiles the kernel for sm_90 without a GPU.
 """
 from __future__ import annotations
 
@@ -136,6 +140,7 @@ def _nearest_code_kernel(
     x_ptr, e_ptr, esq_ptr, idx_ptr, best_ptr, second_ptr,
     N, K, D,
     stride_xn, stride_xd, stride_ek, stride_ed,
+    N_TUNE,  # N's bucket (tuning_rows): read by the autotuner's key only
     LOW_PRECISION: tl.constexpr,  # fp16 tiles into the dot (fast mode); else tf32x3 (exact)
     TRACK_SECOND: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
@@ -195,7 +200,7 @@ with _interpreter_env():  # what triton.jit makes of the kernel depends on TRITO
     _jit_kernel = triton.jit(_nearest_code_kernel)
     # The best configuration per (K, D, mode, dtypes) is also kept on disk (cache_results), beside
     # the compiled kernels: a later process (each Ray worker, the next job) skips the timing.
-    _nearest_code_kernel = _autotune(configs=_configs(), key=["K", "D", "LOW_PRECISION"],
+    _nearest_code_kernel = _autotune(configs=_configs(), key=["K", "D", "N_TUNE", "LOW_PRECISION"],
                                      prune_configs_by={"early_config_prune": _prune},
                                      cache_results=True)(_jit_kernel)
 
@@ -214,13 +219,15 @@ def _precompile(args: tuple, kwargs: dict) -> int:
     compile is left to the autotuner, which skips it; any other failure only loses the speed-up."""
     if _interpreting() or COMPILE_THREADS <= 1:
         return 0
-    x, e = args[0], args[1]
-    key = (x.device, x.dtype, e.dtype, args[7], args[8], kwargs["LOW_PRECISION"], kwargs["TRACK_SECOND"])
+    named = dict(zip(_nearest_code_kernel.arg_names, args))
+    x, e = named["x_ptr"], named["e_ptr"]
+    key = (x.device, x.dtype, e.dtype, named["K"], named["D"], named["N_TUNE"], kwargs["LOW_PRECISION"],
+           kwargs["TRACK_SECOND"])
     with _precompile_lock:
         if key in _precompiled:
             return 0
         _precompiled.add(key)
-    configs = _prune(_nearest_code_kernel.configs, dict(zip(_nearest_code_kernel.arg_names, args)))
+    configs = _prune(_nearest_code_kernel.configs, named)
     if len(configs) < 2:  # the autotuner times nothing: its one compile is all there is
         return 0
 
@@ -255,13 +262,24 @@ def compile_ahead(config, *, low: bool, arch: int = 90):
                            "which compiles nothing; start the process with TRITON_INTERPRET=0")
     fn = _jit_kernel
     signature = {n: "*fp32" for n in ("x_ptr", "e_ptr", "esq_ptr", "best_ptr", "second_ptr")} | {"idx_ptr": "*i32"}
-    signature |= {n: "i32" for n in ("N", "K", "D", "stride_xn", "stride_xd", "stride_ek", "stride_ed")}
+    signature |= {n: "i32" for n in ("N", "K", "D", "stride_xn", "stride_xd", "stride_ek", "stride_ed", "N_TUNE")}
     constants = {"LOW_PRECISION": low, "TRACK_SECOND": low, **config.kwargs}
     signature |= {n: "constexpr" for n in constants}
     signature = {n: signature[n] for n in fn.arg_names}  # in the kernel's argument order
     src = ASTSource(fn=fn, signature=signature, constexprs={(fn.arg_names.index(n),): v for n, v in constants.items()})
     return triton.compile(src, target=GPUTarget("cuda", arch, 32),
                           options={"num_warps": config.num_warps, "num_stages": config.num_stages})
+
+
+def tuning_rows(n: int) -> int:
+    """N's bucket in the autotuner's key: 1,024, then powers of 4 up to 1,048,576 (2^20). The best
+    tiles for 500 rows are not those for a million, and a choice is kept on disk (cache_results):
+    without N in the key, a first call on a small batch would choose for every later large one.
+    The bucket is a power of four: it never changes what Triton compiles, only what it times."""
+    bucket = 1024
+    while bucket < n and bucket < 1 << 20:
+        bucket *= 4
+    return bucket
 
 
 _last_config: dict = {}
@@ -283,7 +301,7 @@ def _launch(x, e, esq, *, low: bool, track_second: bool):
     if n == 0:
         return idx, best, second
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    args = (x, e, esq, idx, best, second, n, k, d, x.stride(0), x.stride(1), e.stride(0), e.stride(1))
+    args = (x, e, esq, idx, best, second, n, k, d, x.stride(0), x.stride(1), e.stride(0), e.stride(1), tuning_rows(n))
     kwargs = {"LOW_PRECISION": low, "TRACK_SECOND": track_second}
     if x.is_cuda:
         _precompile(args, kwargs)

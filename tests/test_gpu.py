@@ -125,6 +125,20 @@ def test_the_first_call_compiles_every_kept_configuration_and_keeps_the_tuning(t
         assert first["tunings"] >= 1
 
 
+def test_the_autotuner_chooses_per_bucket_of_rows():
+    """A small first batch does not choose the tiles for every later large one: N's bucket
+    (tuning_rows) is in the autotuner's key, so 500 rows and 70,000 rows are tuned apart."""
+    from vqtok.kernels import nearest_code
+    from vqtok.kernels.triton_kernel import _nearest_code_kernel, tuning_rows
+
+    e = torch.randn(2000, 40, device="cuda")  # a (K, D) no other test uses
+    before = set(_nearest_code_kernel.cache)
+    for n in (500, 70_000):
+        nearest_code(torch.randn(n, 40, device="cuda"), e)
+    new = set(_nearest_code_kernel.cache) - before
+    assert {key[2] for key in new} == {tuning_rows(500), tuning_rows(70_000)}  # (K, D, N_TUNE, mode, dtypes...)
+
+
 # ---------------------------------------------------------------------------------------------
 # The tokenization stages without Ray (read_units -> BatchEncoder -> UnitCollector), CUDA vs CPU
 # ---------------------------------------------------------------------------------------------

@@ -241,6 +241,13 @@ def test_every_kept_configuration_compiles_for_hopper_within_its_shared_memory(t
     check_compiled(rows)
 
 
+def test_tuning_rows_buckets_n_by_powers_of_four():
+    from vqtok.kernels.triton_kernel import tuning_rows
+
+    assert [tuning_rows(n) for n in (0, 1, 1024, 1025, 4096, 12544, 65536, 65537, 1 << 20, 1 << 24)] == [
+        1024, 1024, 1024, 4096, 4096, 16384, 65536, 262144, 1 << 20, 1 << 20]
+
+
 def test_first_launch_compiles_the_kept_configurations_in_threads_once(monkeypatch):
     """_precompile compiles every configuration the autotuner will time, across threads, once per
     (device, dtypes, K, D, mode); one that fails to compile does not stop the others. Here Triton's
@@ -269,7 +276,7 @@ def test_first_launch_compiles_the_kept_configurations_in_threads_once(monkeypat
     x, e = torch.randn(100, 256), torch.randn(512, 256)
     esq = (e * e).sum(1)
     out = [torch.empty(100, dtype=torch.int32), torch.empty(100), torch.empty(100)]
-    args = (x, e, esq, *out, 100, 512, 256, 256, 1, 256, 1)
+    args = (x, e, esq, *out, 100, 512, 256, 256, 1, 256, 1, 1024)
     assert tk._precompile(args, {"LOW_PRECISION": True, "TRACK_SECOND": True}) == 16
     want = {(c.kwargs["BLOCK_D"], c.num_stages, c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]) for c in tk.configs_for(256, 4, H100_SMEM)}
     assert {c[1:5] for c in calls} == want and len(calls) == 16  # each kept one once, the failing ones too
@@ -277,5 +284,6 @@ def test_first_launch_compiles_the_kept_configurations_in_threads_once(monkeypat
     assert tk._precompile(args, {"LOW_PRECISION": True, "TRACK_SECOND": True}) == 0  # once per key
     assert len(calls) == 16
     assert tk._precompile(args, {"LOW_PRECISION": False, "TRACK_SECOND": False}) == 16  # the other mode is its own
-    small = (x[:, :8].contiguous(), e[:, :8].contiguous(), esq, *out, 100, 512, 8, 8, 1, 8, 1)
+    small = (x[:, :8].contiguous(), e[:, :8].contiguous(), esq, *out, 100, 512, 8, 8, 1, 8, 1, 1024)
     assert tk._precompile(small, {"LOW_PRECISION": True, "TRACK_SECOND": True}) == 6
+    assert tk._precompile(small[:-1] + (4096,), {"LOW_PRECISION": True, "TRACK_SECOND": True}) == 6  # another N bucket
