@@ -97,8 +97,7 @@ print(json.dumps({"agree": agree, "kept": len(tk.configs_for(80, 4)), "precompil
 """
 
 
-@pytest.mark.parametrize("precision", ["exact", "fast"])
-def test_the_first_call_compiles_every_kept_configuration_and_keeps_the_tuning(tmp_path, precision):
+def test_the_first_call_compiles_every_kept_configuration_and_keeps_the_tuning(tmp_path, precision="exact"):
     """The first call at a new (K, D) compiles every configuration _prune keeps, in threads, before
     the autotuner times them, and the chosen one is kept on disk (cache_results, where Triton has
     it): a second process finds both and compiles nothing."""
