@@ -204,10 +204,11 @@ with _interpreter_env():  # what triton.jit makes of the kernel depends on TRITO
                                      prune_configs_by={"early_config_prune": _prune},
                                      cache_results=True)(_jit_kernel)
 
-# Before the autotuner first times a (K, D, mode, dtypes), every configuration it will time is
-# compiled in threads (Triton's compiler and ptxas release the GIL): the autotuner then finds them
-# compiled instead of compiling one after another (about a second each). VQTOK_COMPILE_THREADS sets
-# the threads (default: the cores, at most 16); 1 turns this off.
+# Before the autotuner first times a (K, D, N bucket, mode, dtypes), every configuration it will
+# time is compiled in a pool of threads, through Triton's own asynchronous compile mode (the compiler
+# and ptxas release the GIL): the autotuner then finds them compiled instead of compiling one after
+# another (about a second each). VQTOK_COMPILE_THREADS sets the threads (default: the cores, at most
+# 16); 1 turns this off.
 COMPILE_THREADS = int(os.environ.get("VQTOK_COMPILE_THREADS", "0")) or min(16, os.cpu_count() or 1)
 _precompiled: set = set()
 _precompile_lock = threading.Lock()
@@ -230,19 +231,20 @@ def _precompile(args: tuple, kwargs: dict) -> int:
     configs = _prune(_nearest_code_kernel.configs, named)
     if len(configs) < 2:  # the autotuner times nothing: its one compile is all there is
         return 0
-
-    def compile_one(config):
-        with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-            try:
-                _jit_kernel.warmup(*args, grid=(1,), **kwargs, **config.all_kwargs())
-            except Exception:
-                pass  # out of resources for this configuration, say: the autotuner skips it
-
-    compile_one(configs[0])  # first on this thread: it makes Triton's per-device kernel cache once
     try:
-        with ThreadPoolExecutor(min(COMPILE_THREADS, len(configs) - 1), thread_name_prefix="vqtok-compile") as pool:
-            list(pool.map(compile_one, configs[1:]))
-    except Exception:  # noqa: BLE001 - threads unavailable: the autotuner compiles as it goes
+        from triton.runtime._async_compile import AsyncCompileMode  # Triton >= 3.5
+    except ImportError:
+        return 0
+    device = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    try:
+        with device, ThreadPoolExecutor(min(COMPILE_THREADS, len(configs)), thread_name_prefix="vqtok-compile") as pool:
+            with AsyncCompileMode(pool, ignore_errors=True):  # on leaving, the compiled kernels are Triton's
+                for config in configs:
+                    try:
+                        _jit_kernel.warmup(*args, grid=(1,), **kwargs, **config.all_kwargs())
+                    except Exception:  # noqa: BLE001 - this configuration only: the autotuner skips it
+                        pass
+    except Exception:  # noqa: BLE001 - the autotuner compiles as it goes
         pass
     return len(configs)
 
