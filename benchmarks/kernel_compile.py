@@ -8,8 +8,10 @@ the ptxas Triton's wheel carries, so it runs on a machine with no GPU:
   - before: the configuration set and pruning of commit 4164a8c (54 configurations; the tile
     and shared-memory rule only), compiled one after another as Triton's autotuner does;
   - now, serial: vqtok.kernels.triton_kernel.configs_for, one after another;
-  - now, threads: the same in a pool of threads, as the kernel's first launch now does
-    (_precompile; VQTOK_COMPILE_THREADS, default the cores up to 16).
+  - now, threads: the same compiles on a pool of threads, which is what the kernel's first launch
+    does on a GPU (_precompile: Triton's asynchronous compile mode runs each compile on the pool;
+    VQTOK_COMPILE_THREADS, default the cores up to 16). Here compile_ahead runs on the pool directly,
+    since the JIT's warmup needs a GPU.
 Each (phase, D) runs in a fresh process with an empty Triton cache, the phases in turns per D.
 The GPU machine's cores differ from this one's: the ratios carry over, the seconds do not.
 

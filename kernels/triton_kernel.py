@@ -4,7 +4,8 @@ One program owns BLOCK_N rows of x. It streams the codebook in BLOCK_K tiles; fo
 accumulates x . e over D in BLOCK_D slices (so any D works, power of two or not), forms the score
 s = ||e||^2 - 2 x.e (||e||^2 precomputed from exactly the values fed to the dot) and merges the
 tile's (min, argmin) into a running pair with a strict `<`, tiles visited in ascending index order:
-ties go to the lowest index, no atomics, bitwise repeatable.
+ties go to the lowest index, no atomics, bitwise repeatable. The D slice, which orders the sums, is
+fixed per D (d_slice), so the autotuner's choice of tiles should not change a score's bits either.
 
 Returned distances are ||x - e_idx||^2 measured for the chosen code (O(N*D) after the search).
 
@@ -90,22 +91,28 @@ def smem_bytes(config, elem_size: int) -> int:
     return (bn * (config.num_stages - 1) + bk * (config.num_stages + 1)) * bd * elem_size
 
 
+def d_slice(d: int) -> int:
+    """BLOCK_D for D: one value per D, never tuned. The exact mode's tf32x3 dot sums its three
+    partial products slice by slice, so the slice width decides the order of the fp32 additions:
+    with the width tuned, two configurations (two processes, two batch sizes) could round a
+    near-tie apart. 16 (tl.dot's smallest) up to D = 16, 32 up to 32, then 64: no more than a
+    slice's padding is loaded, and D = 256 is a loop of four, long enough to pipeline."""
+    return min(64, max(16, triton.next_power_of_2(d)))
+
+
 def configs_for(d: int, elem_size: int = 4, smem: int | None = None, configs: list | None = None) -> list:
     """The configurations worth compiling for D, operands of `elem_size` bytes and `smem` bytes of
     shared memory per block (default: the current device's), out of `configs` (default: all):
-    - the two widest D slices that D fills (BLOCK_D <= max(16, D's next power of two)): a slice
-      wider than D only loads padding, thinner ones starve the tensor cores;
+    - the D slice d_slice(D) (the tiles, warps and stages are tuned; the slice is not);
     - pipelining no deeper than the loop over D is long (num_stages <= max(2, its steps)): Triton
       pipelines that loop, so deeper stages only take shared memory;
     - tiles that fit in shared memory.
     Compiling is the first call's cost (about a second per configuration and mode), so fewer is
-    better: at fp32, 16 at D = 256, 12 at D = 64, 6 at D <= 16, of 72."""
+    better: at fp32, 13 at D = 256, 6 at D = 64 and at D <= 16, of 72."""
     configs = gpu_configs() if configs is None else configs
     smem = _smem_per_block() if smem is None else smem
-    widest = max(16, triton.next_power_of_2(d))
-    slices = sorted({c.kwargs["BLOCK_D"] for c in configs if c.kwargs["BLOCK_D"] <= widest})[-2:]
     keep = [c for c in configs
-            if c.kwargs["BLOCK_D"] in slices
+            if c.kwargs["BLOCK_D"] == d_slice(d)
             and c.num_stages <= max(2, triton.cdiv(d, c.kwargs["BLOCK_D"]))
             and smem_bytes(c, elem_size) <= smem]
     return keep or configs[:1]
@@ -209,8 +216,17 @@ with _interpreter_env():  # what triton.jit makes of the kernel depends on TRITO
 # and ptxas release the GIL): the autotuner then finds them compiled instead of compiling one after
 # another (about a second each). VQTOK_COMPILE_THREADS sets the threads (default: the cores, at most
 # 16); 1 turns this off.
-COMPILE_THREADS = int(os.environ.get("VQTOK_COMPILE_THREADS", "0")) or min(16, os.cpu_count() or 1)
-_precompiled: set = set()
+def _compile_threads() -> int:
+    try:
+        asked = int(os.environ.get("VQTOK_COMPILE_THREADS", "0"))
+    except ValueError:
+        asked = 0  # not a number: the default
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return asked if asked > 0 else min(16, cores)
+
+
+COMPILE_THREADS = _compile_threads()
+_precompiled: dict = {}  # key -> threading.Event, set when that key's configurations are compiled
 _precompile_lock = threading.Lock()
 
 
@@ -225,19 +241,30 @@ def _precompile(args: tuple, kwargs: dict) -> int:
     key = (x.device, x.dtype, e.dtype, named["K"], named["D"], named["N_TUNE"], kwargs["LOW_PRECISION"],
            kwargs["TRACK_SECOND"])
     with _precompile_lock:
-        if key in _precompiled:
-            return 0
-        _precompiled.add(key)
-    configs = _prune(_nearest_code_kernel.configs, named)
+        done = _precompiled.get(key)
+        if done is None:
+            done = _precompiled[key] = threading.Event()
+            mine = True
+        else:
+            mine = False
+    if not mine:  # another thread compiles this key: wait for it rather than compile it again
+        done.wait()
+        return 0
+    try:
+        return _compile_all(args, kwargs, _prune(_nearest_code_kernel.configs, named))
+    finally:
+        done.set()
+
+
+def _compile_all(args: tuple, kwargs: dict, configs: list) -> int:
     if len(configs) < 2:  # the autotuner times nothing: its one compile is all there is
         return 0
     try:
         from triton.runtime._async_compile import AsyncCompileMode  # Triton >= 3.5
     except ImportError:
         return 0
-    device = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
     try:
-        with device, ThreadPoolExecutor(min(COMPILE_THREADS, len(configs)), thread_name_prefix="vqtok-compile") as pool:
+        with ThreadPoolExecutor(min(COMPILE_THREADS, len(configs)), thread_name_prefix="vqtok-compile") as pool:
             with AsyncCompileMode(pool, ignore_errors=True):  # on leaving, the compiled kernels are Triton's
                 for config in configs:
                     try:
@@ -288,28 +315,38 @@ _last_config: dict = {}
 
 
 def last_configs() -> dict[str, str]:
-    """The configuration each mode's last launch ran ({"exact": ..., "fast": ...}, as
-    "BLOCK_N x BLOCK_K x BLOCK_D, warps, stages"): what the autotuner chose, for benchmarks to report."""
+    """The configuration each mode's last call ran ({"exact": ..., "fast": ...}, as
+    "BLOCK_N x BLOCK_K x BLOCK_D, warps, stages"; not the fast mode's exact re-search): what the
+    autotuner chose, for benchmarks to report. Per process, not per thread."""
     return {mode: f"{c.kwargs['BLOCK_N']}x{c.kwargs['BLOCK_K']}x{c.kwargs['BLOCK_D']} w{c.num_warps} s{c.num_stages}"
             for mode, c in _last_config.items() if c is not None}
 
 
-def _launch(x, e, esq, *, low: bool, track_second: bool):
+def kernel_args(x, e, esq, idx, best, second) -> tuple:
+    """The kernel's positional arguments for these tensors (what the autotuner and _precompile see)."""
     n, d = x.shape
-    k = e.shape[0]
+    return (x, e, esq, idx, best, second, n, e.shape[0], d, x.stride(0), x.stride(1), e.stride(0), e.stride(1),
+            tuning_rows(n))
+
+
+def _launch(x, e, esq, *, low: bool, track_second: bool, record: bool = True):
+    n = x.shape[0]
     idx = torch.empty(n, dtype=torch.int32, device=x.device)
     best = torch.empty(n, dtype=torch.float32, device=x.device)
     second = torch.empty(n if track_second else 1, dtype=torch.float32, device=x.device)
     if n == 0:
         return idx, best, second
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-    args = (x, e, esq, idx, best, second, n, k, d, x.stride(0), x.stride(1), e.stride(0), e.stride(1), tuning_rows(n))
+    args = kernel_args(x, e, esq, idx, best, second)
     kwargs = {"LOW_PRECISION": low, "TRACK_SECOND": track_second}
-    if x.is_cuda:
-        _precompile(args, kwargs)
-    with _interpreter_env():
-        _nearest_code_kernel[grid](*args, **kwargs)
-    _last_config["fast" if low else "exact"] = getattr(_nearest_code_kernel, "best_config", None)
+    # Triton compiles for and launches on the current device: make it x's (x on cuda:1, say)
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        if x.is_cuda:
+            _precompile(args, kwargs)
+        with _interpreter_env():
+            _nearest_code_kernel[grid](*args, **kwargs)
+    if record:
+        _last_config["fast" if low else "exact"] = getattr(_nearest_code_kernel, "best_config", None)
     return idx, best, second
 
 
@@ -342,7 +379,7 @@ def nearest_code_triton(x: torch.Tensor, codebook: torch.Tensor, *, precision: s
         if rows.numel():
             esq32 = (codebook.float() ** 2).sum(dim=1).contiguous()
             sub = x[rows]
-            r_idx, _, _ = _launch(sub, codebook, esq32, low=False, track_second=False)
+            r_idx, _, _ = _launch(sub, codebook, esq32, low=False, track_second=False, record=False)
             idx[rows] = r_idx.long()
         if stats is not None:
             stats.update(flagged=int(rows.numel()), rows=x.shape[0])
