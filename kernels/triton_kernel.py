@@ -85,8 +85,9 @@ def smem_bytes(config, elem_size: int) -> int:
     """Shared memory a configuration takes, an upper bound: the x and codebook slices in flight,
     staged as loaded (the fp16 cast of fast mode comes after the load): num_stages - 1 x slices and
     num_stages + 1 codebook slices. That is what Triton's sm_90 code allocates for fp32 operands
-    (tests/test_kernels.py compiles every kept configuration for sm_90 and checks it); fast mode
-    takes less."""
+    (tests/test_kernels.py compiles the kept configurations for sm_90 and checks it); fast mode
+    takes less. 16-bit operands take far less than this (Triton 3.6 and 3.9 convert them before the
+    dot without multi-buffering the loads): here it only prunes more than it must."""
     bn, bk, bd = config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"], config.kwargs["BLOCK_D"]
     return (bn * (config.num_stages - 1) + bk * (config.num_stages + 1)) * bd * elem_size
 
@@ -276,10 +277,11 @@ def _compile_all(args: tuple, kwargs: dict, configs: list) -> int:
     return len(configs)
 
 
-def compile_ahead(config, *, low: bool, arch: int = 90):
+def compile_ahead(config, *, low: bool, arch: int = 90, dtype: str = "fp32"):
     """The kernel compiled for an NVIDIA GPU of compute capability `arch` (90: H100/H200) on a
     machine without one (Triton compiles ahead of time with the ptxas its wheel carries), in fast
-    mode (`low`) or exact: Triton's compiled kernel, whose .metadata.shared is the shared memory it
+    mode (`low`) or exact, for x and codebook of `dtype` ("fp32", "bf16", "fp16"): Triton's compiled
+    kernel, whose .metadata.shared is the shared memory it
     takes. For checking configurations and their compile time where no GPU is (tests/test_kernels.py,
     benchmarks/kernel_compile.py). Without CUDA, run it in a process started with TRITON_INTERPRET=0:
     otherwise this module imports Triton as its interpreter, which compiles nothing."""
@@ -290,7 +292,8 @@ def compile_ahead(config, *, low: bool, arch: int = 90):
         raise RuntimeError("compile_ahead: Triton was imported as its interpreter (no CUDA here, or TRITON_INTERPRET=1), "
                            "which compiles nothing; start the process with TRITON_INTERPRET=0")
     fn = _jit_kernel
-    signature = {n: "*fp32" for n in ("x_ptr", "e_ptr", "esq_ptr", "best_ptr", "second_ptr")} | {"idx_ptr": "*i32"}
+    signature = {"x_ptr": f"*{dtype}", "e_ptr": f"*{dtype}", "idx_ptr": "*i32"}
+    signature |= {n: "*fp32" for n in ("esq_ptr", "best_ptr", "second_ptr")}
     signature |= {n: "i32" for n in ("N", "K", "D", "stride_xn", "stride_xd", "stride_ek", "stride_ed", "N_TUNE")}
     constants = {"LOW_PRECISION": low, "TRACK_SECOND": low, **config.kwargs}
     signature |= {n: "constexpr" for n in constants}
