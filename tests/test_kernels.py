@@ -253,13 +253,28 @@ def test_tuning_rows_buckets_n_by_powers_of_four():
         1024, 1024, 1024, 4096, 4096, 16384, 65536, 262144, 1 << 20, 1 << 20]
 
 
+def fake_compiler(monkeypatch, warmup, *, threads: int) -> None:
+    """The kernel module as on a GPU (all 72 configurations, an H100's shared memory, no interpreter),
+    with Triton's compile step replaced by `warmup`: for testing _precompile's logic on the CPU."""
+    import types
+
+    from vqtok.kernels import triton_kernel as tk
+
+    monkeypatch.setattr(tk, "_jit_kernel", types.SimpleNamespace(warmup=warmup))
+    monkeypatch.setattr(tk, "_nearest_code_kernel", types.SimpleNamespace(configs=tk.gpu_configs(),
+                                                                          arg_names=tk._nearest_code_kernel.arg_names))
+    monkeypatch.setattr(tk, "_interpreting", lambda: False)
+    monkeypatch.setattr(tk, "_smem_per_block", lambda: H100_SMEM)
+    monkeypatch.setattr(tk, "COMPILE_THREADS", threads)
+    monkeypatch.setattr(tk, "_precompiled", {})
+
+
 def test_first_launch_compiles_the_kept_configurations_in_threads_once(monkeypatch):
     """_precompile asks Triton to compile every configuration the autotuner will time, under
     Triton's asynchronous compile mode (a pool of threads), once per (device, dtypes, K, D, N
     bucket, mode); one that fails does not stop the others. Here Triton's compile step is a
     recorder that compiles on the pool as Triton's would (for real it needs a GPU: tests/test_gpu.py)."""
     import threading
-    import types
 
     from triton.runtime import _async_compile
 
@@ -279,13 +294,7 @@ def test_first_launch_compiles_the_kept_configurations_in_threads_once(monkeypat
             raise RuntimeError("out of resources")  # as a configuration too big for the device would
         mode.executor.submit(compile_on_pool, kwargs)
 
-    monkeypatch.setattr(tk, "_jit_kernel", types.SimpleNamespace(warmup=warmup))
-    monkeypatch.setattr(tk, "_nearest_code_kernel", types.SimpleNamespace(configs=tk.gpu_configs(),
-                                                                          arg_names=tk._nearest_code_kernel.arg_names))
-    monkeypatch.setattr(tk, "_interpreting", lambda: False)
-    monkeypatch.setattr(tk, "_smem_per_block", lambda: H100_SMEM)
-    monkeypatch.setattr(tk, "COMPILE_THREADS", 4)
-    monkeypatch.setattr(tk, "_precompiled", {})
+    fake_compiler(monkeypatch, warmup, threads=4)
     x, e = torch.randn(100, 256), torch.randn(512, 256)
     esq = (e * e).sum(1)
     out = [torch.empty(100, dtype=torch.int32), torch.empty(100), torch.empty(100)]
@@ -307,7 +316,6 @@ def test_a_second_caller_waits_for_the_first_callers_compiles(monkeypatch):
     """Two threads launching the same new key: the second waits for the first's compiles instead of
     letting its autotuner compile them all again, one by one."""
     import threading
-    import types
 
     from vqtok.kernels import triton_kernel as tk
 
@@ -317,13 +325,7 @@ def test_a_second_caller_waits_for_the_first_callers_compiles(monkeypatch):
         started.set()
         release.wait(30)
 
-    monkeypatch.setattr(tk, "_jit_kernel", types.SimpleNamespace(warmup=warmup))
-    monkeypatch.setattr(tk, "_nearest_code_kernel", types.SimpleNamespace(configs=tk.gpu_configs(),
-                                                                          arg_names=tk._nearest_code_kernel.arg_names))
-    monkeypatch.setattr(tk, "_interpreting", lambda: False)
-    monkeypatch.setattr(tk, "_smem_per_block", lambda: H100_SMEM)
-    monkeypatch.setattr(tk, "COMPILE_THREADS", 2)
-    monkeypatch.setattr(tk, "_precompiled", {})
+    fake_compiler(monkeypatch, warmup, threads=2)
     x, e = torch.randn(100, 64), torch.randn(512, 64)
     out = [torch.empty(100, dtype=torch.int32), torch.empty(100), torch.empty(100)]
     args = tk.kernel_args(x, e, (e * e).sum(1), *out)
