@@ -91,6 +91,11 @@ clean:
 # which vqtok files and functions one image passes through (tokenize -> train-prior -> sample), and the
 # README's reading order checked against them; about a minute. TRACE_ARGS: e.g. --label after --compare
 # benchmarks/trace_before.json
+# what the Triton kernel's first call compiles, for sm_90 ahead of time, before/now (no GPU needed; ~5 min)
+.PHONY: bench-kernel-compile
+bench-kernel-compile: $(STAMP)
+	$(BIN)/python benchmarks/kernel_compile.py
+
 .PHONY: bench-trace
 bench-trace: $(STAMP)
 	$(BIN)/python benchmarks/trace_path.py $(TRACE_ARGS)
