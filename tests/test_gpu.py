@@ -148,8 +148,10 @@ def test_every_configuration_returns_the_same_codes(k, d):
     for low in (False, True):
         e_fed = e.half().float() if low else e
         esq = (e_fed * e_fed).sum(1).contiguous()
-        runs = {}
-        for c in tk.configs_for(d, 4):
+        runs, configs = {}, tk.configs_for(d, 4)
+        scratch = [torch.empty(n, dtype=torch.int32, device="cuda"), torch.empty(n, device="cuda"), torch.empty(n, device="cuda")]
+        tk._compile_all(tk.kernel_args(x, e, esq, *scratch), {"LOW_PRECISION": low, "TRACK_SECOND": low}, configs)
+        for c in configs:  # compiled above, in parallel: the launches below find them
             idx = torch.full((n,), -1, dtype=torch.int32, device="cuda")
             best, second = torch.full((n,), float("nan"), device="cuda"), torch.full((n,), float("nan"), device="cuda")
             tk._jit_kernel[(triton.cdiv(n, c.kwargs["BLOCK_N"]),)](
