@@ -281,9 +281,8 @@ def compile_ahead(config, *, low: bool, arch: int = 90, dtype: str = "fp32"):
     """The kernel compiled for an NVIDIA GPU of compute capability `arch` (90: H100/H200) on a
     machine without one (Triton compiles ahead of time with the ptxas its wheel carries), in fast
     mode (`low`) or exact, for x and codebook of `dtype` ("fp32", "bf16", "fp16"): Triton's compiled
-    kernel, whose .metadata.shared is the shared memory it
-    takes. For checking configurations and their compile time where no GPU is (tests/test_kernels.py,
-    benchmarks/kernel_compile.py). Without CUDA, run it in a process started with TRITON_INTERPRET=0:
+    kernel, whose .metadata.shared is the shared memory it takes. For checking configurations and
+    their compile time where no GPU is (tests/test_kernels.py, benchmarks/kernel_compile.py). Without CUDA, run it in a process started with TRITON_INTERPRET=0:
     otherwise this module imports Triton as its interpreter, which compiles nothing."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
