@@ -313,7 +313,7 @@ def stage_cost(a, out: Path, done: dict) -> dict:
     labels = torch.as_tensor(np.asarray(t.column("label").to_pylist()))
     models = {"text": Prior.load(done["prior-text"]["prior_dir"]), "class": Prior.load(done["prior-class"]["prior_dir"])}
     text_ids = models["text"].encode_text(t.column("caption").to_pylist())
-    orders = ["text-first", "image-first"] * (a.batch_size // 2)
+    orders = [("text-first", "image-first")[i % 2] for i in range(len(text_ids))]  # half each, one per row
     steps = {"text": lambda m: m.loss(text_ids, grids, orders), "class": lambda m: m.loss(grids, labels)}
     opts = {k: torch.optim.AdamW(m.parameters(), lr=1e-4) for k, m in models.items()}
     secs = {k: 0.0 for k in models}

@@ -109,14 +109,14 @@ def configs_for(d: int, elem_size: int = 4, smem: int | None = None, configs: li
       pipelines that loop, so deeper stages only take shared memory;
     - tiles that fit in shared memory.
     Compiling is the first call's cost (about a second per configuration and mode), so fewer is
-    better: at fp32, 13 at D = 256, 6 at D = 64 and at D <= 16, of 72."""
+    better: at fp32, 13 at D = 256, 6 at D = 64 and at D <= 16, of 54. Where none fits (a small
+    GPU), the one with D's slice that takes the least."""
     configs = gpu_configs() if configs is None else configs
     smem = _smem_per_block() if smem is None else smem
-    keep = [c for c in configs
-            if c.kwargs["BLOCK_D"] == d_slice(d)
-            and c.num_stages <= max(2, triton.cdiv(d, c.kwargs["BLOCK_D"]))
-            and smem_bytes(c, elem_size) <= smem]
-    return keep or configs[:1]
+    same_slice = [c for c in configs if c.kwargs["BLOCK_D"] == d_slice(d)]
+    keep = [c for c in same_slice
+            if c.num_stages <= max(2, triton.cdiv(d, c.kwargs["BLOCK_D"])) and smem_bytes(c, elem_size) <= smem]
+    return keep or sorted(same_slice, key=lambda c: smem_bytes(c, elem_size))[:1] or configs[:1]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -136,7 +136,7 @@ def gpu_configs() -> list:
     """Every configuration the autotuner may time on a GPU (before _prune picks those for a D)."""
     out = []
     for bn, bk, warps in ((64, 64, 4), (128, 64, 4), (64, 128, 4), (128, 128, 8), (128, 256, 8), (256, 128, 8)):
-        for bd in (16, 32, 64, 128):  # 16: the tokenizers' D of 8 and 16 (tl.dot's smallest fp16 slice)
+        for bd in (16, 32, 64):  # every d_slice: 16 for the tokenizers' D of 8 and 16 (tl.dot's smallest)
             for stages in (2, 3, 4):
                 out.append(triton.Config({"BLOCK_N": bn, "BLOCK_K": bk, "BLOCK_D": bd}, num_warps=warps,
                                          num_stages=stages))
@@ -282,8 +282,9 @@ def compile_ahead(config, *, low: bool, arch: int = 90, dtype: str = "fp32"):
     machine without one (Triton compiles ahead of time with the ptxas its wheel carries), in fast
     mode (`low`) or exact, for x and codebook of `dtype` ("fp32", "bf16", "fp16"): Triton's compiled
     kernel, whose .metadata.shared is the shared memory it takes. For checking configurations and
-    their compile time where no GPU is (tests/test_kernels.py, benchmarks/kernel_compile.py). Without CUDA, run it in a process started with TRITON_INTERPRET=0:
-    otherwise this module imports Triton as its interpreter, which compiles nothing."""
+    their compile time where no GPU is (tests/test_kernels.py, benchmarks/kernel_compile.py).
+    Without CUDA, run it in a process started with TRITON_INTERPRET=0: otherwise this module imports
+    Triton as its interpreter, which compiles nothing."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 

@@ -183,7 +183,7 @@ class TextPrior(nn.Module):
 
     def loss(self, text_ids, tokens, orders: str | Sequence[str] = TEXT_FIRST, *, reduction: str = "mean",
              generator: torch.Generator | None = None) -> torch.Tensor:
-        """Weighted cross-entropy (nats per scored id) of the rows' sequences. In training mode
+        """Weighted cross-entropy (nats per scored id) of the rows' sequences. In training mode each
         text-first row's caption is dropped (made empty) with probability caption_dropout, so the
         model also learns the empty-caption branch guidance needs (batch: image-first rows keep theirs)."""
         b = len(text_ids)

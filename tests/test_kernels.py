@@ -188,7 +188,8 @@ def test_the_configurations_kept_for_each_d(d, width):
     # D = 256 at fp32 keeps the matmul-shaped tiles that fit: 128 x 128 x 64 with 3 stages among them
     kept = {(c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages) for c in configs_for(256, 4, H100_SMEM)}
     assert (128, 128, 3) in kept and (128, 256, 4) not in kept  # the latter: 416 KiB of tiles
-    assert len(gpu_configs()) == 72 and len(configs_for(256, 4, 48 * 1024)) >= 1  # a small GPU still gets one
+    assert len(gpu_configs()) == 54 and len(configs_for(256, 4, 48 * 1024)) >= 1  # a small GPU still gets one
+    assert all(c.kwargs["BLOCK_D"] == width for c in configs_for(d, 4, 48 * 1024))  # ... with D's own slice
 
 
 AOT_COMPILE = r"""
@@ -254,7 +255,7 @@ def test_tuning_rows_buckets_n_by_powers_of_four():
 
 
 def fake_compiler(monkeypatch, warmup, *, threads: int) -> None:
-    """The kernel module as on a GPU (all 72 configurations, an H100's shared memory, no interpreter),
+    """The kernel module as on a GPU (all 54 configurations, an H100's shared memory, no interpreter),
     with Triton's compile step replaced by `warmup`: for testing _precompile's logic on the CPU."""
     import types
 
