@@ -299,9 +299,15 @@ def test_killed_and_rerun_equals_a_clean_export_byte_for_byte(tmp_path, ray_loca
 
     try:
         t0 = time.time()
-        while recorded() < 2:  # some parts written and recorded, the rest not yet
+        # Kill at the manifest's first record: the driver records the first finished part at once, then at
+        # most every MANIFEST_EVERY seconds, by which time a fast machine has written all 30 parts.
+        while recorded() < 1:
             assert p.poll() is None, p.stdout.read()
             assert time.time() - t0 < 180, "the export wrote no parts in time"
+            time.sleep(0.005)
+        # then, where the machine allows, one part more on disk than on record (a part the rerun must redo)
+        t1 = time.time()
+        while len(list((out / "data").glob("*.parquet"))) < 2 and time.time() - t1 < 1.0:
             time.sleep(0.005)
         p.send_signal(signal.SIGKILL)
         p.wait()
@@ -310,7 +316,7 @@ def test_killed_and_rerun_equals_a_clean_export_byte_for_byte(tmp_path, ray_loca
     manifest = json.loads((out / "_export.json").read_text())
     written = len(list((out / "data").glob("*.parquet")))
     done = len(manifest["parts"])
-    assert not manifest["complete"] and 2 <= done < 30 and written < 30, "the kill came too late to test anything"
+    assert not manifest["complete"] and 1 <= done < 30 and written < 30, "the kill came too late to test anything"
     assert not (out / "layout.json").exists()
     r = run_cli("export-lm", "--tokens", str(tokens), "--text-tokenizer", "bytes", "--out", str(out), "--order", "both")
     assert r.returncode == 0, r.stderr
