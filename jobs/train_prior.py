@@ -72,10 +72,12 @@ class PriorTrainConfig(TrainingOptions):
     shuffle_buffer: int = option(20_000, "rows in each worker's shuffle buffer")
     eval_every: int = option(1000, "steps between held-out evaluations")
     eval_rows: int = option(5000, "held-out rows per periodic evaluation; the final one reads them all")
+    train_eval_rows: int = option(100_000, "without --val-tokens: training rows the final evaluation reads (the "
+                                           "first N; a held-out set is read whole)")
     stats_rows: int = option(2_000_000, "rows counted (in part order) for the unigram entropy and the labels")
     sample_grid: bool = option(True, "write samples.png at the end (needs the tokenizer)")
 
-    POSITIVE = TrainingOptions.POSITIVE + ("eval_every", "eval_rows", "stats_rows")
+    POSITIVE = TrainingOptions.POSITIVE + ("eval_every", "eval_rows", "train_eval_rows", "stats_rows")
     LR_EXAMPLE = "1e-3"
 
     @classmethod
@@ -283,6 +285,7 @@ class PriorTask(Task[PriorTrainConfig, PriorPayload]):
         self.eval_every = cfg.eval_every
         self.eval_history: list[dict] = []  # held-out bits at every evaluation
         self.final_bits = float("nan")
+        self.final_rows = 0  # rows the final evaluation read (all ranks)
         self.last_train_bits: float | None = None
 
     def build(self) -> Built:
@@ -353,10 +356,13 @@ class PriorTask(Task[PriorTrainConfig, PriorPayload]):
     # --- evaluation: held-out bits per token, every rank its share, summed over ranks -----------
     def evaluate(self, model: Prior, step: int, *, final: bool = False) -> None:
         """Bits per token on the held-out parts (else the training parts): the first --eval-rows
-        rows during training, all of them at the end."""
-        val_bits, empty_bits = self.bits_per_token(model, max_rows=None if final else self.cfg.eval_rows)
+        rows during training; at the end every held-out row, or the first --train-eval-rows rows of
+        the training data (a full pass over a large corpus would cost as much as an epoch)."""
+        held_out = bool(self.payload.val_parts)
+        max_rows = self.cfg.eval_rows if not final else None if held_out else self.cfg.train_eval_rows
+        val_bits, empty_bits, rows = self.bits_per_token(model, max_rows=max_rows)
         if final:
-            self.final_bits, self.final_empty_bits = val_bits, empty_bits
+            self.final_bits, self.final_empty_bits, self.final_rows = val_bits, empty_bits, rows
             if self.text:  # every rank counted its own rows: the totals, for metrics.json
                 keys = list(self.text_counts)
                 counts = torch.tensor([self.text_counts[k] for k in keys], dtype=torch.float64)
@@ -375,17 +381,18 @@ class PriorTask(Task[PriorTrainConfig, PriorPayload]):
                   f"bits/token (unigram entropy {self.payload.data.unigram_entropy_bits:.3f})", flush=True)
 
     @torch.no_grad()
-    def bits_per_token(self, model: Prior | TextPrior, *, max_rows: int | None) -> tuple[float, float]:
+    def bits_per_token(self, model: Prior | TextPrior, *, max_rows: int | None) -> tuple[float, float, int]:
         """Mean bits per image token over the evaluation parts (the first max_rows rows of each
         rank's share), all ranks together: (as conditioned in training, without dropout; a text
-        prior's with the empty caption, else nan). The difference is what the caption tells."""
+        prior's with the empty caption, else nan; the rows read). The difference of the first two is
+        what the caption tells."""
         ctx = self.ctx
         was = model.training
         model.eval()
         stream = TokenStream(self.payload.val_parts or self.payload.parts, self.grid, rank=ctx.rank,
                              world_size=ctx.world_size, shuffle=False, captions=self.text is not None)
         limit = None if max_rows is None else max(1, max_rows // ctx.world_size)
-        nats = torch.zeros(3, dtype=torch.float64)  # summed nats (conditioned, empty caption), tokens
+        nats = torch.zeros(4, dtype=torch.float64)  # summed nats (conditioned, empty caption), tokens, rows
         for batch in stream.one_pass(self.cfg.batch_size // ctx.world_size * 4, max_rows=limit):
             t = batch.tokens.to(ctx.device)
             if self.text:
@@ -397,10 +404,11 @@ class PriorTask(Task[PriorTrainConfig, PriorPayload]):
                 lab = batch.labels.to(ctx.device) if model.cfg.num_classes else None
                 nats[0] += model.loss(t, lab, reduction="sum").double().item()
             nats[2] += t.numel()
+            nats[3] += t.shape[0]
         ctx.comm.all_reduce_sum(nats)
         model.train(was)
         n = max(float(nats[2]), 1.0)
-        return bits(float(nats[0]) / n), (bits(float(nats[1]) / n) if self.text else float("nan"))
+        return bits(float(nats[0]) / n), (bits(float(nats[1]) / n) if self.text else float("nan")), int(nats[3])
 
     # --- the end ------------------------------------------------------------------------------
     def finish(self, model: Prior, run_dir: Path, summary: TrainSummary) -> dict:
@@ -419,7 +427,7 @@ class PriorTask(Task[PriorTrainConfig, PriorPayload]):
         unigram = data.unigram_entropy_bits
         metrics = {
             "steps": cfg.steps,
-            "held_out" if held_out else "train_eval": {"bits_per_token": final_bits,
+            "held_out" if held_out else "train_eval": {"bits_per_token": final_bits, "rows": self.final_rows,
                                                        "datasets": data.val_datasets if held_out else data.datasets},
             "unigram_entropy_bits": unigram,
             "bits_over_unigram": final_bits / unigram if unigram else None,
@@ -437,7 +445,8 @@ class PriorTask(Task[PriorTrainConfig, PriorPayload]):
             "resumed_from": summary.resumed_from,
             "samples": samples_png,
         }
-        where = "held-out" if held_out else "training data (no --val-tokens given)"
+        where = (f"held-out ({self.final_rows:,} rows)" if held_out else
+                 f"training data (no --val-tokens given; {self.final_rows:,} rows)")
         print(f"vqtok: done. {where}: {final_bits:.4f} bits/token vs unigram entropy {unigram:.4f} "
               f"({final_bits / unigram:.2f}x)" if unigram else f"vqtok: done. {where}: {final_bits:.4f} bits/token", flush=True)
         if self.text:

@@ -23,7 +23,7 @@ LEGACY_FLAGS = {
                    "--beta --codebook --restart-window --random-init --no-kmeans-init --l2-normalize --no-l2-normalize",
     "train-prior": "--tokens --val-tokens --out --config --tokenizer --num-classes --n-layer --n-head --n-embd --dropout "
                    "--class-dropout --steps --batch-size --lr --weight-decay --warmup-steps --grad-clip --seed --log-every "
-                   "--eval-every --eval-rows --checkpoint-every --keep-checkpoints --shuffle-buffer --stats-rows "
+                   "--eval-every --eval-rows --train-eval-rows --checkpoint-every --keep-checkpoints --shuffle-buffer --stats-rows "
                    "--no-sample-grid --device --threads --workers --gpus-per-worker --cpus-per-worker --address "
                    "--max-failures",
     "tokenize": "--tokenizer --data --out --batch-size --workers --gpus-per-worker --cpus-per-worker --threads-per-worker "

@@ -178,6 +178,33 @@ def test_train_prior_learns_and_writes_its_outputs(trained, tokens, bundle):
     assert Image.open(out / "samples.png").size[0] > 0
 
 
+def test_the_final_evaluation_reads_every_held_out_row_and_a_bounded_share_of_the_training_data(tmp_path, tokens,
+                                                                                              bundle):
+    """--val-tokens: the final figure is over every held-out row, whatever --eval-rows says. Without:
+    over the first --train-eval-rows training rows (a full pass over a large corpus would cost an
+    epoch). Both recomputed here from the saved prior over exactly those rows, made afresh."""
+    val = write_token_dataset(tmp_path / "val", bundle, 2, seed=1)
+    common = dict(tokens=[str(tokens)], steps=6, batch_size=32, eval_every=1000, eval_rows=100, sample_grid=False,
+                  dropout=0.0, n_layer=2, n_head=2, n_embd=32)
+    held = train_prior(out=str(tmp_path / "held"), val_tokens=[str(val)], **common).metrics
+    train = train_prior(out=str(tmp_path / "train"), train_eval_rows=250, **common).metrics
+    assert "train_eval" not in held and "held_out" not in train
+    assert held["held_out"]["rows"] == 2 * ROWS_PER_PART and train["train_eval"]["rows"] == 250
+
+    tok = Tokenizer.load(bundle)
+
+    def bits_over(run: Path, parts: int, seed: int, rows: int) -> float:
+        grids, labels = class_grids(parts * ROWS_PER_PART, tok.grid, tok.config.codebook_size, seed)  # the dataset's rows
+        grids, labels = grids[:rows], labels[:rows]
+        prior = Prior.load(run).eval()
+        with torch.no_grad():
+            nats = prior.loss(torch.from_numpy(grids), torch.from_numpy(labels), reduction="sum").item()
+        return nats / grids.size / np.log(2)
+
+    assert held["held_out"]["bits_per_token"] == pytest.approx(bits_over(tmp_path / "held", 2, 1, 2 * ROWS_PER_PART), rel=1e-5)
+    assert train["train_eval"]["bits_per_token"] == pytest.approx(bits_over(tmp_path / "train", 4, 0, 250), rel=1e-5)
+
+
 def test_prior_load_sample_decodes_to_the_tokenizers_image_size(trained, bundle):
     out, _ = trained
     prior = Prior.load(out)
