@@ -8,14 +8,20 @@ Stages and where they write (under cfg.out):
     convert      shards/          the images as WebDataset shards (only with convert_shard_size)
     train        tokenizer-run/   `vqtok train-vqvae` (tokenizer-run/tokenizer is the bundle)
     tokenize     tokens/          `vqtok tokenize` (captions and metadata as the tokenize section says)
+    train-text-tokenizer
+                 text-tokenizer/  `vqtok train-text-tokenizer` on the tokens' captions (only with a
+                                  `text_tokenizer:` section: vocab_size, max_captions); the export and the
+                                  prior then use its tokenizer.json
     export-lm    export/          `vqtok export-lm` (only with an `export:` section: text_tokenizer, order, pack, ...)
     train-prior  prior/           `vqtok train-prior`
     sample       samples.png      `vqtok sample`
 
 Each stage calls the same function as its CLI command, with that command's config built from the
 section of the same name ("train", "tokenize", "prior", "sample": any option of that command, by
-field name; the export's from "export"). A text prior: `prior: {text_tokenizer: bytes, order: both}`
-and `sample: {prompts: ["a dark ankle boot", ...]}`. Both models' options nest under `model:` (`train: {model: {codebook_size: 512}}`,
+field name; the export's from "export", the text tokenizer's from "text_tokenizer"). A text prior:
+`text_tokenizer: {vocab_size: 512}` (a BPE fitted on the captions; or, without that section,
+`prior: {text_tokenizer: bytes}`), `prior: {order: both}` and `sample: {prompts: ["a dark ankle
+boot", ...]}`. Both models' options nest under `model:` (`train: {model: {codebook_size: 512}}`,
 `prior: {model: {n_layer: 8}}`); files written when the prior's were flat (`prior: {n_layer: 8}`)
 still load. The resolved config is saved as OUT/pipeline.json, and each job saves its own next to
 its outputs.
@@ -37,12 +43,16 @@ from .export_lm import ExportLMConfig, run as run_export
 from .sample import SampleConfig, sample
 from .tokenize import TokenizeConfig, run as run_tokenize
 from .train_prior import PriorTrainConfig, train_prior
+from .train_text_tokenizer import TextTokenizerConfig, run as run_text_tokenizer
 from .train_vqvae import TrainConfig, train_vqvae
 
-STAGES = ("convert", "train", "tokenize", "export-lm", "train-prior", "sample")
+STAGES = ("convert", "train", "tokenize", "train-text-tokenizer", "export-lm", "train-prior", "sample")
+OPTIONAL = {"convert": "convert_shard_size", "train-text-tokenizer": "text_tokenizer", "export-lm": "export"}  # run when set
+SECTION = {"train-text-tokenizer": "text_tokenizer", "export-lm": "export", "train-prior": "prior"}  # else the stage's name
 _FIXED = {  # options each stage takes from the pipeline itself, not from its section
     "train": {"data", "out", "val_data"},
     "tokenize": {"tokenizer", "data", "out"},
+    "text_tokenizer": {"tokens", "out"},
     "export": {"tokens", "out"},
     "prior": {"tokens", "out", "val_tokens"},
     "sample": {"prior", "out"},
@@ -61,6 +71,9 @@ class PipelineConfig(Config):
     tokenize: dict = option(help="tokenize options", factory=dict)
     prior: dict = option(help="train-prior options (model: the prior's model options)", factory=dict)
     sample: dict = option(help="sample options", factory=dict)
+    text_tokenizer: dict = option(help="train-text-tokenizer options (vocab_size, max_captions): a byte-level BPE "
+                                       "fitted on the tokens' captions, which the export and the prior then use; no "
+                                       "section, no such stage", factory=dict)
     export: dict = option(help="export-lm options (text_tokenizer, order, pack, ...): the token dataset as LM rows; "
                                "no section, no export", factory=dict)
 
@@ -77,7 +90,7 @@ class PipelineConfig(Config):
                               f"train-prior) also writes to object-store URLs")
         if self.convert_shard_size < 0:
             raise ConfigError(f"pipeline: convert_shard_size {self.convert_shard_size}: 0 (off) or more")
-        for section in ("train", "tokenize", "prior", "sample", "export"):
+        for section in ("train", "tokenize", "text_tokenizer", "prior", "sample", "export"):
             value = getattr(self, section)
             if not isinstance(value, dict):
                 raise ConfigError(f"pipeline: `{section}` must be a mapping of {section} options, got {value!r}")
@@ -85,9 +98,18 @@ class PipelineConfig(Config):
             if fixed:
                 raise ConfigError(f"pipeline.{section}: {fixed} are set by the pipeline (from out, data, val_data); "
                                   f"remove them from the {section} section")
+            if self.text_tokenizer and section in ("prior", "export") and "text_tokenizer" in value:
+                raise ConfigError(f"pipeline.{section}: text_tokenizer {value['text_tokenizer']!r}: with a "
+                                  f"`text_tokenizer:` section the pipeline's own ({self.text_tokenizer_file}) is used; "
+                                  f"remove it from the {section} section, or remove the text_tokenizer section")
         # build every stage's config now: a bad option fails here, named, before hours of training
-        for stage in ("train", "tokenize", "train-prior", "sample") + (("export-lm",) if self.export else ()):
-            self.stage_config(stage)
+        for stage in STAGES[1:]:
+            if self.runs(stage):
+                self.stage_config(stage)
+
+    def runs(self, stage: str) -> bool:
+        """Is this stage part of this pipeline (the optional ones only with their section or setting)?"""
+        return bool(getattr(self, OPTIONAL[stage])) if stage in OPTIONAL else stage in STAGES
 
     # --- where things go ----------------------------------------------------------------------
     @property
@@ -95,12 +117,21 @@ class PipelineConfig(Config):
         return Path(self.out)
 
     def path(self, stage: str) -> Path:
-        return self.root / {"convert": "shards", "train": "tokenizer-run", "tokenize": "tokens", "export-lm": "export",
-                            "train-prior": "prior", "sample": "samples.png"}[stage]
+        return self.root / {"convert": "shards", "train": "tokenizer-run", "tokenize": "tokens",
+                            "train-text-tokenizer": "text-tokenizer", "export-lm": "export", "train-prior": "prior",
+                            "sample": "samples.png"}[stage]
 
     @property
     def tokenizer_dir(self) -> Path:
         return self.path("train") / "tokenizer"
+
+    @property
+    def text_tokenizer_file(self) -> Path:
+        return self.path("train-text-tokenizer") / "tokenizer.json"
+
+    def _text(self, opts: dict) -> dict:
+        """A stage's options with the pipeline's trained text tokenizer, where it has one."""
+        return opts | {"text_tokenizer": str(self.text_tokenizer_file)} if self.text_tokenizer else opts
 
     def _inputs(self) -> list[str]:
         return [str(self.path("convert"))] if self.convert_shard_size else self.data
@@ -118,8 +149,11 @@ class PipelineConfig(Config):
                 opts.setdefault("address", self.address)
                 return TokenizeConfig.from_dict({**opts, "tokenizer": str(self.tokenizer_dir), "data": self._inputs(),
                                                  "out": str(self.path("tokenize"))})
+            if stage == "train-text-tokenizer":
+                return TextTokenizerConfig.from_dict({**self.text_tokenizer, "tokens": str(self.path("tokenize")),
+                                                      "out": str(self.text_tokenizer_file)})
             if stage == "train-prior":
-                opts = dict(self.prior)
+                opts = self._text(dict(self.prior))
                 opts.setdefault("address", self.address)
                 return PriorTrainConfig.from_dict({**opts, "tokens": [str(self.path("tokenize"))],
                                                    "out": str(self.path("train-prior")),
@@ -128,13 +162,12 @@ class PipelineConfig(Config):
                 return SampleConfig.from_dict({**self.sample, "prior": str(self.path("train-prior")),
                                                "out": str(self.path("sample"))})
             if stage == "export-lm":
-                opts = dict(self.export)
+                opts = self._text(dict(self.export))
                 opts.setdefault("address", self.address)
                 return ExportLMConfig.from_dict({**opts, "tokens": str(self.path("tokenize")),
                                                  "out": str(self.path("export-lm"))})
         except ConfigError as e:
-            section = {"train-prior": "prior", "export-lm": "export"}.get(stage, stage)
-            raise ConfigError(f"pipeline.{section}: {e}") from None
+            raise ConfigError(f"pipeline.{SECTION.get(stage, stage)}: {e}") from None
         except (TypeError, ValueError) as e:
             raise ConfigError(f"pipeline.{stage}: {e}") from None
         raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
@@ -158,6 +191,8 @@ class PipelineResult:
     skipped: list[str]  # stages whose output existed
     seconds: float
     results: dict = field(default_factory=dict)  # stage -> that job's result object
+    text_tokenizer: str | None = None  # the trained tokenizer.json (with a text_tokenizer section)
+    export: str | None = None  # the LM export (with an export section)
 
 
 class Pipeline:
@@ -182,6 +217,8 @@ class Pipeline:
                 return False
             # done when every input unit is committed as it is now (an input changed since is not)
             return all(u.url in committed and not input_changed(committed[u.url], u) for u in list_units(c._inputs()))
+        if stage == "train-text-tokenizer":
+            return _fitted(c.path("train-text-tokenizer"), c.path("tokenize"), c.stage_config(stage))
         if stage == "export-lm":
             return _exported(c.path("export-lm"), c.path("tokenize"))
         if stage == "train-prior":
@@ -204,7 +241,7 @@ class Pipeline:
         for stage in STAGES:
             if stage not in todo:
                 continue
-            if (stage == "convert" and not c.convert_shard_size) or (stage == "export-lm" and not c.export):
+            if not c.runs(stage):
                 continue
             if not force and self.done(stage):
                 print(f"vqtok pipeline: {stage}: output exists ({c.path(stage)}), skipping", flush=True)
@@ -217,7 +254,9 @@ class Pipeline:
             ran.append(stage)
         res = PipelineResult(str(c.root), str(c.tokenizer_dir), str(c.path("tokenize")), str(c.path("train-prior")),
                              str(c.path("sample")), str(c.path("train") / "reconstructions.png"), ran, skipped,
-                             time.time() - t0, results)
+                             time.time() - t0, results,
+                             str(c.text_tokenizer_file) if c.text_tokenizer else None,
+                             str(c.path("export-lm")) if c.export else None)
         print(summary(res), flush=True)
         return res
 
@@ -238,6 +277,12 @@ class Pipeline:
                 val.data, val.out = c.val_data, str(c.root / "val-tokens")
                 run_tokenize(val)
             return r
+        if stage == "train-text-tokenizer":
+            cfg = c.stage_config(stage)
+            r = run_text_tokenizer(cfg)
+            save_json({"id": r.id, "options": cfg.to_dict(), "parts": _part_hashes(c.path("tokenize"))},
+                      c.path(stage) / "_done.json")
+            return r
         if stage == "export-lm":
             return run_export(c.stage_config("export-lm"))
         if stage == "train-prior":
@@ -252,6 +297,27 @@ def _finished(metrics: Path, steps: int) -> bool:
         return json.loads(metrics.read_text()).get("steps") == steps
     except (FileNotFoundError, json.JSONDecodeError):
         return False
+
+
+def _part_hashes(tokens: Path) -> list[str]:
+    from ..pipeline.token_dataset import TokenDataset
+
+    return sorted(p.sha256 for p in TokenDataset(tokens).parts)
+
+
+def _fitted(out: Path, tokens: Path, cfg: TextTokenizerConfig) -> bool:
+    """The tokenizer.json is there, the one recorded (by its id), fitted with these options on the
+    token dataset's parts as they are now (by their sha256)."""
+    import hashlib
+
+    try:
+        done = json.loads((out / "_done.json").read_text())
+        data = (out / "tokenizer.json").read_bytes()
+        parts = _part_hashes(tokens)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return False
+    return (done.get("id") == "sha256:" + hashlib.sha256(data).hexdigest() and done.get("options") == cfg.to_dict()
+            and done.get("parts") == parts)
 
 
 def _exported(export: Path, tokens: Path) -> bool:
@@ -273,6 +339,8 @@ def summary(r: PipelineResult) -> str:
              f"  tokenizer        {r.tokenizer}",
              f"  reconstructions  {r.reconstructions}",
              f"  token dataset    {r.tokens}",
+             *([f"  text tokenizer   {r.text_tokenizer}"] if r.text_tokenizer else []),
+             *([f"  LM export        {r.export}"] if r.export else []),
              f"  prior            {r.prior}",
              f"  samples          {r.samples}",
              f"  config           {Path(r.out) / 'pipeline.json'}"]

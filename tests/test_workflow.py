@@ -33,6 +33,15 @@ def tiny(out: Path) -> PipelineConfig:
     ({"export": {"text_tokenizer": "bytes", "order": "sideways"}}, "pipeline.export: --order 'sideways'"),
     ({"export": {"tokens": "x", "text_tokenizer": "bytes"}}, "pipeline.export: ['tokens'] are set by the pipeline"),
     ({"prior": {"order": "both"}}, "pipeline.prior: --order both: only for a text prior"),
+    ({"text_tokenizer": {"vocab_size": 100}}, "pipeline.text_tokenizer: --vocab-size 100: a byte-level BPE needs"),
+    ({"text_tokenizer": {"tokens": "x"}}, "pipeline.text_tokenizer: ['tokens'] are set by the pipeline"),
+    ({"text_tokenizer": {"vocab_sise": 512}}, "pipeline.text_tokenizer: train-text-tokenizer config: unknown option(s) "
+                                              "['vocab_sise']"),
+    ({"text_tokenizer": {"vocab_size": 512}, "prior": {"text_tokenizer": "bytes"}},
+     "pipeline.prior: text_tokenizer 'bytes': with a `text_tokenizer:` section the pipeline's own"),
+    ({"text_tokenizer": {"vocab_size": 512}, "export": {"text_tokenizer": "t.json"}},
+     "pipeline.export: text_tokenizer 't.json': with a `text_tokenizer:` section"),
+    ({"text_tokenizer": 512}, "pipeline: `text_tokenizer` must be a mapping"),
     ({"data": []}, "pipeline: `data` is required"),
     ({"out": "s3://bucket/run"}, "a pipeline writes under a local (or shared, mounted) directory"),
 ])
@@ -110,6 +119,40 @@ def test_pipeline_runs_every_stage_then_skips_what_exists(tmp_path):
     assert again.ran == [] and again.skipped == ["train", "tokenize", "train-prior", "sample"]
     Path(res.samples).unlink()
     assert Pipeline(cfg).run().ran == ["sample"]
+
+
+def test_the_text_tokenizer_stage_fits_the_captions_once_and_again_when_they_change(tmp_path):
+    """With a text_tokenizer section: a BPE fitted on the token dataset's captions, the file the export
+    and the prior are given; skipped while the dataset's parts and the options are what it was fitted
+    on, fitted again when a part is added, an option changes or the file is not the one recorded."""
+    from test_export_lm import make_dataset
+    from vqtok.models.text_tokenizer import TextTokenizer
+
+    cfg = PipelineConfig.from_dict(tiny(tmp_path / "run").to_dict() | {
+        "text_tokenizer": {"vocab_size": 300}, "export": {"order": "both"}, "prior": dict(TINY_PRIOR, order="both")})
+    file = tmp_path / "run" / "text-tokenizer" / "tokenizer.json"
+    assert cfg.stage_config("export-lm").text_tokenizer == cfg.stage_config("train-prior").text_tokenizer == str(file)
+    assert tiny(tmp_path).stage_config("train-prior").text_tokenizer == ""  # no section: a class prior, as before
+    tokens = make_dataset(cfg.path("tokenize"), 3, 50)
+    pipe = Pipeline(cfg)
+    assert not pipe.done("train-text-tokenizer")
+    res = pipe.run(stages=["train-text-tokenizer"])
+    assert res.ran == ["train-text-tokenizer"] and res.text_tokenizer == str(file)
+    captions = [c for c in TokenDataset(tokens).to_table(["caption"]).column("caption").to_pylist() if c is not None]
+    fitted = res.results["train-text-tokenizer"]
+    assert fitted.captions == len(captions) and fitted.not_round_trip == 0 and fitted.vocab_size <= 300
+    text = TextTokenizer.load(str(file))
+    assert text.id == fitted.id and all(text.decode(text.encode(c)) == c for c in captions)
+    assert pipe.run(stages=["train-text-tokenizer"]).skipped == ["train-text-tokenizer"]
+
+    make_dataset(tokens, 4, 50)  # a part more: its captions were not seen
+    assert not pipe.done("train-text-tokenizer")
+    assert pipe.run(stages=["train-text-tokenizer"]).results["train-text-tokenizer"].captions > len(captions)
+    assert pipe.done("train-text-tokenizer")
+    other = PipelineConfig.from_dict(cfg.to_dict() | {"text_tokenizer": {"vocab_size": 280}})
+    assert not Pipeline(other).done("train-text-tokenizer")  # other options
+    file.write_bytes(file.read_bytes() + b" ")
+    assert not pipe.done("train-text-tokenizer")  # not the file it wrote
 
 
 @pytest.mark.slow
