@@ -1,9 +1,10 @@
 """`vqtok demo [--out DIR]`: the whole path on the bundled Fashion-MNIST sample, on an embedded
 local Ray, in under 10 minutes on a 2-core CPU: convert the sample to WebDataset shards (the
 images with their captions, examples/fashion-mnist/t10k-captions.txt), train a tokenizer on 2 Ray
-Train workers, tokenize to Parquet (tokens and captions), export them as LM-ready rows, train a text prior over captions and
-image tokens in one vocabulary (UTF-8 bytes as text ids), and sample a grid from ten prompts. It is
-a Pipeline (jobs/run.py) with the settings below; a re-run skips what exists.
+Train workers, tokenize to Parquet (tokens and captions), fit a byte-level BPE text tokenizer on the
+captions, export them as LM-ready rows, train a text prior over captions and image tokens in one
+vocabulary, and sample a grid from ten prompts. It is a Pipeline (jobs/run.py) with the settings
+below; a re-run skips what exists.
 """
 from __future__ import annotations
 
@@ -31,9 +32,12 @@ def demo_config(out: str = "runs/demo", *, quick: bool = False) -> PipelineConfi
         train={"steps": tok_steps, "batch_size": 128, "workers": 2, "log_every": 100 if not quick else 20,
                "checkpoint_every": 500 if not quick else 30},
         tokenize={"workers": 1},
-        export={"text_tokenizer": "bytes", "order": "both"},  # the tokens and captions as LM rows (export/)
+        # a BPE of the captions (text-tokenizer/): 447 ids, so each caption word is one; 10 ids in the longest
+        # caption (51 as UTF-8 bytes): the prior's sequences are 65 ids, not 105
+        text_tokenizer={"vocab_size": 512},
+        export={"order": "both"},  # the tokens and captions as LM rows (export/)
         prior={"steps": prior_steps, "batch_size": 64, "model": {"n_layer": 4, "n_head": 4, "n_embd": 128}, "lr": 2e-3,
-               "text_tokenizer": "bytes", "max_text_tokens": 52,  # the longest caption is 51 bytes
+               "max_text_tokens": 12,
                "log_every": 100 if not quick else 20, "eval_every": 500 if not quick else 30,
                "checkpoint_every": 500 if not quick else 30},
         sample={"n": 10, "prompts": PROMPTS, "cfg_scale": 3.0, "seed": 0},

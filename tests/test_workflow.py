@@ -99,7 +99,7 @@ def test_an_old_pipeline_file_with_flat_prior_options_loads_as_the_nested_one(tm
     new = PipelineConfig.load(str(REPO / "examples" / "pipeline-fashion-mnist.yaml")).stage_config("train-prior")
     assert old.model == PriorShape(n_layer=4, n_head=4, n_embd=128)
     assert old.model == new.model and old.lr == new.lr == 2e-3 and (old.steps, new.steps) == (1000, 800)
-    assert (old.text_tokenizer, new.text_tokenizer) == ("", "bytes")  # the example became a text prior since
+    assert old.text_tokenizer == "" and new.text_tokenizer.endswith("text-tokenizer/tokenizer.json")  # a text prior since
     assert "n_layer" not in old.to_dict() and old.to_dict()["model"]["n_embd"] == 128  # saved nested
 
 
@@ -157,16 +157,23 @@ def test_the_text_tokenizer_stage_fits_the_captions_once_and_again_when_they_cha
 
 @pytest.mark.slow
 def test_a_text_pipeline_tokenizes_captions_exports_and_samples_prompts(tmp_path):
-    """The bundled Fashion-MNIST sample has captions (t10k-captions.txt): tokenize keeps them, the
-    export stage writes LM rows, the prior is a text prior, the samples come from prompts."""
+    """The bundled Fashion-MNIST sample has captions (t10k-captions.txt): tokenize keeps them, a BPE
+    is fitted on them, the export stage writes LM rows in its ids, the prior is a text prior over the
+    same ids, the samples come from prompts."""
     import pyarrow.parquet as pq
+    from vqtok.models.text_tokenizer import TextTokenizer
 
     cfg = PipelineConfig(out=str(tmp_path / "run"), data=[str(SAMPLE_DIR)], train=dict(TINY_TRAIN),
-                         tokenize={"workers": 1}, export={"text_tokenizer": "bytes", "order": "both"},
-                         prior=dict(TINY_PRIOR, text_tokenizer="bytes"),
+                         tokenize={"workers": 1}, text_tokenizer={"vocab_size": 512}, export={"order": "both"},
+                         prior=dict(TINY_PRIOR, max_text_tokens=12),
                          sample={"n": 4, "prompts": ["a dark ankle boot", "a light bag"]})
     res = Pipeline(cfg).run()
-    assert res.ran == ["train", "tokenize", "export-lm", "train-prior", "sample"]
+    assert res.ran == ["train", "tokenize", "train-text-tokenizer", "export-lm", "train-prior", "sample"]
+    text = TextTokenizer.load(res.text_tokenizer)
+    layout = json.loads((tmp_path / "run" / "export" / "layout.json").read_text())
+    prior_text = json.loads((tmp_path / "run" / "prior" / "metrics.json").read_text())["text"]
+    assert layout["text_tokenizer_id"] == prior_text["text_tokenizer_id"] == text.id
+    assert layout["text_vocab_size"] == text.vocab_size == 447 and prior_text["captions_truncated"] == 0  # 10 ids at most
     ds = TokenDataset(res.tokens)
     lines = (SAMPLE_DIR / "t10k-captions.txt").read_text(encoding="utf-8").split("\n")
     assert ds.to_table(["caption"]).column("caption").to_pylist()[:50] == lines[:50]

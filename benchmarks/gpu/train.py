@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .common import NO_CUDA, Part, oom, rate
-from .priors import PROMPTS, specs
+from .priors import PROMPTS, specs, text_tokenizer_json
 
 TITLE = "Training steps on one GPU: tokenizers img/s, priors tokens/s"
 WINDOW = {"conv": 20, "vqgan": 5, "prior": 10}
@@ -122,7 +122,8 @@ def prior_task(part: Part, spec, batch: int):
                            max_text_tokens=spec.max_text_tokens, **loop_options(part, "prior", batch))
     data = DataSummary(unigram_entropy_bits=0.0, codes_used=spec.codebook_size, rows=batch, counted_rows=batch,
                        labeled_rows=batch, datasets=[], val_datasets=[])
-    payload = PriorPayload(prior, parts=[], val_parts=None, data=data, tokenizer_path="")
+    payload = PriorPayload(prior, parts=[], val_parts=None, data=data, tokenizer_path="",
+                           text_tokenizer=text_tokenizer_json(spec.text_kind) if spec.text else None)
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(0, spec.codebook_size, (batch, spec.grid, spec.grid), generator=g)
     labels = torch.randint(0, spec.classes, (batch,), generator=g)
