@@ -14,11 +14,13 @@ def fmt_duration(seconds: float) -> str:
 
 
 class Progress:
-    """Averages metrics between reports and prints `step N/T | k v | ... | img/s | eta`."""
+    """Averages metrics between reports and prints `step N/T | k v | ... | img/s | eta`. Metrics named
+    in `latest` are positions (epochs so far), not per-step figures: they report their last value."""
 
     def __init__(self, total_steps: int, start_step: int = 0, every: int = 100, unit: str = "img",
-                 prefix: str = "vqtok", stream=None):
+                 prefix: str = "vqtok", stream=None, latest: tuple[str, ...] = ()):
         self.total, self.every, self.unit, self.prefix = total_steps, max(1, every), unit, prefix
+        self.latest = frozenset(latest)
         self.stream = stream or sys.stdout
         self.sums: dict[str, float] = defaultdict(float)
         self.n = 0
@@ -29,7 +31,7 @@ class Progress:
 
     def update(self, step: int, items: int, **metrics: float) -> None:
         for k, v in metrics.items():
-            self.sums[k] += float(v)
+            self.sums[k] = float(v) if k in self.latest else self.sums[k] + float(v)
         self.n += 1
         self.items += items
         if step % self.every == 0 or step == self.total:
@@ -38,7 +40,7 @@ class Progress:
     def report(self, step: int) -> dict[str, float]:
         now = time.time()
         rate = self.items / max(now - self.t_last, 1e-9)
-        self.last = {k: v / max(self.n, 1) for k, v in self.sums.items()}
+        self.last = {k: v if k in self.latest else v / max(self.n, 1) for k, v in self.sums.items()}
         done = step - self.step_start
         eta = (now - self.t_start) / max(done, 1) * (self.total - step)
         parts = [f"step {step}/{self.total}"] + [f"{k} {_fmt(v)}" for k, v in self.last.items()]

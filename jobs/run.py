@@ -48,6 +48,10 @@ from .train_vqvae import TrainConfig, train_vqvae
 
 STAGES = ("convert", "train", "tokenize", "train-text-tokenizer", "export-lm", "train-prior", "sample")
 OPTIONAL = {"convert": "convert_shard_size", "train-text-tokenizer": "text_tokenizer", "export-lm": "export"}  # run when set
+OUTPUT_NEUTRAL = {"address", "workers", "cpus_per_worker", "gpus_per_worker", "threads", "threads_per_worker",
+                  "device", "log_every", "progress_seconds", "verbose", "max_failures", "keep_checkpoints",
+                  "checkpoint_every", "lease_seconds"}  # options that do not change what a stage writes
+OUTPUT_NEUTRAL_IN = {"tokenize": {"batch_size"}}  # tokens do not depend on the encoder batch (position-fixed batches)
 SECTION = {"train-text-tokenizer": "text_tokenizer", "export-lm": "export", "train-prior": "prior"}  # else the stage's name
 _FIXED = {  # options each stage takes from the pipeline itself, not from its section
     "train": {"data", "out", "val_data"},
@@ -218,14 +222,40 @@ class Pipeline:
             # done when every input unit is committed as it is now (an input changed since is not)
             return all(u.url in committed and not input_changed(committed[u.url], u) for u in list_units(c._inputs()))
         if stage == "train-text-tokenizer":
-            return _fitted(c.path("train-text-tokenizer"), c.path("tokenize"), c.stage_config(stage))
+            return _fitted(c.path("train-text-tokenizer"), c.stage_config(stage))
+        # with the pipeline's own text tokenizer, the export and the prior must have been made with it as it is now
+        text_id = _file_id(c.text_tokenizer_file) if c.text_tokenizer else None
         if stage == "export-lm":
-            return _exported(c.path("export-lm"), c.path("tokenize"))
+            return _exported(c.path("export-lm"), c.path("tokenize"), text_id)
         if stage == "train-prior":
-            return _finished(c.path("train-prior") / "metrics.json", c.stage_config("train-prior").steps)
+            return (_finished(c.path("train-prior") / "metrics.json", c.stage_config("train-prior").steps)
+                    and (text_id is None or _metrics(c.path("train-prior")).get("text", {}).get("text_tokenizer_id")
+                         == text_id))
         if stage == "sample":
             return c.path("sample").is_file()
         raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
+
+    def changed(self, stage: str) -> list[str]:
+        """The options a stage's existing output was made with that differ from the config now
+        ("name old -> new"), from the config its job saved beside the output; options that do not
+        change an output (workers, devices, logging) are left out. The text tokenizer's stage is
+        redone on a change instead, so it has none."""
+        c = self.cfg
+        saved_at = {"train": c.path("train") / "config.json", "tokenize": c.path("tokenize") / "_tokenize_config.json",
+                    "export-lm": c.path("export-lm") / "_export.json", "train-prior": c.path("train-prior") / "config.json",
+                    "sample": c.path("sample").with_suffix(".json")}.get(stage)
+        if saved_at is None:
+            return []
+        try:
+            saved = json.loads(saved_at.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return []
+        if stage == "export-lm":
+            saved = saved.get("options", {})
+        now = json.loads(json.dumps(c.stage_config(stage).to_dict()))
+        same_output = OUTPUT_NEUTRAL | OUTPUT_NEUTRAL_IN.get(stage, set())
+        return [f"{k} {json.dumps(saved[k])} -> {json.dumps(now[k])}" for k in sorted(set(saved) & set(now))
+                if k not in same_output and saved[k] != now[k]]
 
     def run(self, stages: list[str] | None = None, *, force: bool = False) -> PipelineResult:
         """Run the stages in order (all by default), skipping those already done unless force."""
@@ -245,6 +275,11 @@ class Pipeline:
                 continue
             if not force and self.done(stage):
                 print(f"vqtok pipeline: {stage}: output exists ({c.path(stage)}), skipping", flush=True)
+                changed = self.changed(stage)
+                if changed:
+                    print(f"vqtok pipeline: {stage}: note: that output was made with other options ({'; '.join(changed)}); "
+                          f"to make it again, run the stage with force (`vqtok run CONFIG --stages {stage} --force`, "
+                          f"or Pipeline(cfg).run(stages=[{stage!r}], force=True)) or delete {c.path(stage)}", flush=True)
                 skipped.append(stage)
                 continue
             print(f"vqtok pipeline: {stage} -> {c.path(stage)}", flush=True)
@@ -280,8 +315,7 @@ class Pipeline:
         if stage == "train-text-tokenizer":
             cfg = c.stage_config(stage)
             r = run_text_tokenizer(cfg)
-            save_json({"id": r.id, "options": cfg.to_dict(), "parts": _part_hashes(c.path("tokenize"))},
-                      c.path(stage) / "_done.json")
+            save_json({"id": r.id, "options": cfg.to_dict(), "captions": r.captions}, c.path(stage) / "_done.json")
             return r
         if stage == "export-lm":
             return run_export(c.stage_config("export-lm"))
@@ -299,29 +333,38 @@ def _finished(metrics: Path, steps: int) -> bool:
         return False
 
 
-def _part_hashes(tokens: Path) -> list[str]:
-    from ..pipeline.token_dataset import TokenDataset
+def _metrics(run: Path) -> dict:
+    try:
+        return json.loads((run / "metrics.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
 
-    return sorted(p.sha256 for p in TokenDataset(tokens).parts)
 
-
-def _fitted(out: Path, tokens: Path, cfg: TextTokenizerConfig) -> bool:
-    """The tokenizer.json is there, the one recorded (by its id), fitted with these options on the
-    token dataset's parts as they are now (by their sha256)."""
+def _file_id(path: Path) -> str | None:
+    """A text tokenizer file's id ("sha256:" + its bytes' sha256, as TextTokenizer computes it); None if absent."""
     import hashlib
 
     try:
+        return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def _fitted(out: Path, cfg: TextTokenizerConfig) -> bool:
+    """The tokenizer.json is there, the one recorded (by its id), fitted with these options. Parts
+    the token dataset gains later do not refit it: a byte-level BPE encodes any caption, and the ids
+    already written (the export, the prior) stay valid."""
+    try:
         done = json.loads((out / "_done.json").read_text())
-        data = (out / "tokenizer.json").read_bytes()
-        parts = _part_hashes(tokens)
     except (FileNotFoundError, json.JSONDecodeError):
         return False
-    return (done.get("id") == "sha256:" + hashlib.sha256(data).hexdigest() and done.get("options") == cfg.to_dict()
-            and done.get("parts") == parts)
+    file_id = _file_id(out / "tokenizer.json")
+    return file_id is not None and done.get("id") == file_id and done.get("options") == cfg.to_dict()
 
 
-def _exported(export: Path, tokens: Path) -> bool:
-    """Complete, and from the token dataset's parts as they are now (by their sha256)."""
+def _exported(export: Path, tokens: Path, text_id: str | None = None) -> bool:
+    """Complete, from the token dataset's parts as they are now (by their sha256), and (text_id)
+    with that text tokenizer."""
     from ..pipeline.token_dataset import TokenDataset
 
     try:
@@ -330,7 +373,8 @@ def _exported(export: Path, tokens: Path) -> bool:
     except (FileNotFoundError, json.JSONDecodeError):
         return False
     exported = {r.get("source_sha256") for r in manifest.get("parts", {}).values()}
-    return bool(manifest.get("complete")) and exported == {p.sha256 for p in parts}
+    same_text = text_id is None or manifest.get("options", {}).get("text_tokenizer_id") == text_id
+    return bool(manifest.get("complete")) and exported == {p.sha256 for p in parts} and same_text
 
 
 def summary(r: PipelineResult) -> str:

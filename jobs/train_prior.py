@@ -273,6 +273,7 @@ class PriorTask(Task[PriorTrainConfig, PriorPayload]):
     prior bundle with a grid of samples."""
 
     UNIT = "tok"
+    LATEST = ("epochs",)  # epochs so far at the report's step, not the mean over the steps since the last one
     MISMATCH = "a prior run with a different model or tokenizer"
 
     def __init__(self, cfg: PriorTrainConfig, payload: PriorPayload, ctx):

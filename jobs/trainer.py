@@ -164,6 +164,7 @@ class Task(Generic[C, P]):
     checkpoints and compared on resume with saved_model_config(checkpoint)."""
 
     UNIT = "img"  # what progress counts per second
+    LATEST: tuple[str, ...] = ()  # progress metrics that are positions (reported as their last value, not averaged)
     MISMATCH = "a run with a different model"  # the resume refusal's words
     eval_every = 0  # steps between evaluate() calls during training (0: only the final one)
 
@@ -281,7 +282,7 @@ class Trainer:
                   f"(batch {cfg.batch_size}); run directory {self.run_dir}", flush=True)
         batches = prefetch(task.batches(cfg.batch_size // ctx.world_size, skip=consumed))
         device_type = torch.device(ctx.device).type
-        progress = Progress(cfg.steps, start_step=step, every=cfg.log_every, unit=task.UNIT)
+        progress = Progress(cfg.steps, start_step=step, every=cfg.log_every, unit=task.UNIT, latest=task.LATEST)
         history: list[dict] = []
         t0 = time.time()
         model.train()

@@ -173,6 +173,9 @@ def test_train_prior_learns_and_writes_its_outputs(trained, tokens, bundle):
     assert m["train_eval"]["bits_per_token"] < m["unigram_entropy_bits"]  # and beats the unigram model
     assert m["num_classes"] == 10 and m["tokenizer_id"] == Tokenizer.load(bundle).id
     assert "tok/s" in r.stdout and "unigram entropy" in r.stdout and "bits/token" in r.stdout
+    for step in (20, 120):  # epochs at the step reported (32 rows a step of 600), not the mean since the last report
+        line = next(line for line in r.stdout.splitlines() if f"step {step}/120" in line)
+        assert f"epochs {step * 32 / 600:.4g} |" in line, line
     cfg = json.loads((out / "prior" / "config.json").read_text())
     assert cfg["tokenizer"] == {"id": Tokenizer.load(bundle).id, "path": str(Path(bundle).resolve())}
     assert Image.open(out / "samples.png").size[0] > 0

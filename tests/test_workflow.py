@@ -103,7 +103,7 @@ def test_an_old_pipeline_file_with_flat_prior_options_loads_as_the_nested_one(tm
     assert "n_layer" not in old.to_dict() and old.to_dict()["model"]["n_embd"] == 128  # saved nested
 
 
-def test_pipeline_runs_every_stage_then_skips_what_exists(tmp_path):
+def test_pipeline_runs_every_stage_then_skips_what_exists(tmp_path, capsys):
     cfg = tiny(tmp_path / "run")
     res = Pipeline(cfg).run()
     assert res.ran == ["train", "tokenize", "train-prior", "sample"] and res.skipped == []
@@ -115,16 +115,26 @@ def test_pipeline_runs_every_stage_then_skips_what_exists(tmp_path):
     for f in ("tokenizer-run/config.json", "tokens/_tokenize_config.json", "prior/config.json", "samples.json"):
         assert (run / f).is_file(), f
     assert json.loads((run / "samples.json").read_text())["n"] == 20
+    capsys.readouterr()
     again = Pipeline(cfg).run()
     assert again.ran == [] and again.skipped == ["train", "tokenize", "train-prior", "sample"]
+    assert "other options" not in capsys.readouterr().out  # each job's saved config is the pipeline's own
+    # an output made with other options is still skipped (it is complete), and the note says what differs and how
+    # to redo it; options that do not change an output (workers, logging) are not named
+    edited = PipelineConfig.from_dict(cfg.to_dict() | {"sample": {"n": 30}, "tokenize": {"workers": 2}})
+    assert Pipeline(edited).run().ran == []
+    out = capsys.readouterr().out
+    assert "sample: note: that output was made with other options (n 20 -> 30); to make it again, run the stage " \
+           "with force" in out and "--stages sample --force" in out and "tokenize: note" not in out
     Path(res.samples).unlink()
     assert Pipeline(cfg).run().ran == ["sample"]
 
 
 def test_the_text_tokenizer_stage_fits_the_captions_once_and_again_when_they_change(tmp_path):
     """With a text_tokenizer section: a BPE fitted on the token dataset's captions, the file the export
-    and the prior are given; skipped while the dataset's parts and the options are what it was fitted
-    on, fitted again when a part is added, an option changes or the file is not the one recorded."""
+    and the prior are given; skipped while the options and the file are the ones recorded (a part
+    added keeps it: the ids written with it stay valid), fitted again when an option changes or the
+    file is not the one it wrote."""
     from test_export_lm import make_dataset
     from vqtok.models.text_tokenizer import TextTokenizer
 
@@ -145,14 +155,15 @@ def test_the_text_tokenizer_stage_fits_the_captions_once_and_again_when_they_cha
     assert text.id == fitted.id and all(text.decode(text.encode(c)) == c for c in captions)
     assert pipe.run(stages=["train-text-tokenizer"]).skipped == ["train-text-tokenizer"]
 
-    make_dataset(tokens, 4, 50)  # a part more: its captions were not seen
-    assert not pipe.done("train-text-tokenizer")
-    assert pipe.run(stages=["train-text-tokenizer"]).results["train-text-tokenizer"].captions > len(captions)
+    make_dataset(tokens, 4, 50)  # a part more: the tokenizer stays (a byte-level BPE encodes its captions too)
     assert pipe.done("train-text-tokenizer")
     other = PipelineConfig.from_dict(cfg.to_dict() | {"text_tokenizer": {"vocab_size": 280}})
     assert not Pipeline(other).done("train-text-tokenizer")  # other options
+    res = Pipeline(other).run(stages=["train-text-tokenizer"])
+    assert res.ran == ["train-text-tokenizer"] and res.results["train-text-tokenizer"].captions > len(captions)
+    assert Pipeline(other).done("train-text-tokenizer") and not pipe.done("train-text-tokenizer")
     file.write_bytes(file.read_bytes() + b" ")
-    assert not pipe.done("train-text-tokenizer")  # not the file it wrote
+    assert not Pipeline(other).done("train-text-tokenizer")  # not the file it wrote
 
 
 @pytest.mark.slow
@@ -182,6 +193,14 @@ def test_a_text_pipeline_tokenizes_captions_exports_and_samples_prompts(tmp_path
     assert json.loads((tmp_path / "run" / "prior" / "metrics.json").read_text())["text"]["order"] == "text-first"
     assert Image.open(res.samples).size[0] > 0
     assert Pipeline(cfg).run().ran == []  # every stage done, the export included
+    # another text tokenizer: the export and the prior made with the old one are not done any more, and
+    # the export's job refuses to mix the two vocabularies, naming the change and the fix
+    other = PipelineConfig.from_dict(cfg.to_dict() | {"text_tokenizer": {"vocab_size": 480}})
+    assert Pipeline(other).run(stages=["train-text-tokenizer"]).ran == ["train-text-tokenizer"]
+    assert Pipeline(other).done("tokenize") and not Pipeline(other).done("export-lm")
+    assert not Pipeline(other).done("train-prior")
+    with pytest.raises(ConfigError, match=r"other options \(--text-tokenizer \(id\) sha256:.*delete .*export"):
+        Pipeline(other).run(stages=["export-lm"])
 
 
 @pytest.mark.slow
