@@ -28,7 +28,10 @@ its outputs.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -50,7 +53,8 @@ STAGES = ("convert", "train", "tokenize", "train-text-tokenizer", "export-lm", "
 OPTIONAL = {"convert": "convert_shard_size", "train-text-tokenizer": "text_tokenizer", "export-lm": "export"}  # run when set
 OUTPUT_NEUTRAL = {"address", "workers", "cpus_per_worker", "gpus_per_worker", "threads", "threads_per_worker",
                   "device", "log_every", "progress_seconds", "verbose", "max_failures", "keep_checkpoints",
-                  "checkpoint_every", "lease_seconds"}  # options that do not change what a stage writes
+                  "checkpoint_every", "lease_seconds", "max_failure_fraction", "eval_every", "eval_rows",
+                  "train_eval_rows"}  # options that change neither what a stage writes nor its model
 OUTPUT_NEUTRAL_IN = {"tokenize": {"batch_size"}}  # tokens do not depend on the encoder batch (position-fixed batches)
 SECTION = {"train-text-tokenizer": "text_tokenizer", "export-lm": "export", "train-prior": "prior"}  # else the stage's name
 _FIXED = {  # options each stage takes from the pipeline itself, not from its section
@@ -173,7 +177,7 @@ class PipelineConfig(Config):
         except ConfigError as e:
             raise ConfigError(f"pipeline.{SECTION.get(stage, stage)}: {e}") from None
         except (TypeError, ValueError) as e:
-            raise ConfigError(f"pipeline.{stage}: {e}") from None
+            raise ConfigError(f"pipeline.{SECTION.get(stage, stage)}: {e}") from None
         raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
 
     # --- files ----------------------------------------------------------------------------------
@@ -223,14 +227,16 @@ class Pipeline:
             return all(u.url in committed and not input_changed(committed[u.url], u) for u in list_units(c._inputs()))
         if stage == "train-text-tokenizer":
             return _fitted(c.path("train-text-tokenizer"), c.stage_config(stage))
-        # with the pipeline's own text tokenizer, the export and the prior must have been made with it as it is now
-        text_id = _file_id(c.text_tokenizer_file) if c.text_tokenizer else None
+        # the export and a text prior count as done only when made with their text tokenizer as it is now
         if stage == "export-lm":
-            return _exported(c.path("export-lm"), c.path("tokenize"), text_id)
+            text_id = _text_id(c.stage_config(stage).text_tokenizer)
+            return text_id is not None and _exported(c.path("export-lm"), c.path("tokenize"), text_id)
         if stage == "train-prior":
-            return (_finished(c.path("train-prior") / "metrics.json", c.stage_config("train-prior").steps)
-                    and (text_id is None or _metrics(c.path("train-prior")).get("text", {}).get("text_tokenizer_id")
-                         == text_id))
+            cfg = c.stage_config(stage)
+            if not _finished(c.path("train-prior") / "metrics.json", cfg.steps):
+                return False
+            made_with = _metrics(c.path("train-prior")).get("text", {}).get("text_tokenizer_id")
+            return made_with == _text_id(cfg.text_tokenizer) if cfg.text_tokenizer else made_with is None
         if stage == "sample":
             return c.path("sample").is_file()
         raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
@@ -252,10 +258,10 @@ class Pipeline:
             return []
         if stage == "export-lm":
             saved = saved.get("options", {})
-        now = json.loads(json.dumps(c.stage_config(stage).to_dict()))
-        same_output = OUTPUT_NEUTRAL | OUTPUT_NEUTRAL_IN.get(stage, set())
-        return [f"{k} {json.dumps(saved[k])} -> {json.dumps(now[k])}" for k in sorted(set(saved) & set(now))
-                if k not in same_output and saved[k] != now[k]]
+        now = json.loads(json.dumps(c.stage_config(stage).to_dict(), default=str))
+        # what the pipeline sets itself (paths; the text tokenizer, whose id done() compares) is not an option here
+        ignore = OUTPUT_NEUTRAL | OUTPUT_NEUTRAL_IN.get(stage, set()) | _FIXED.get(SECTION.get(stage, stage), set())
+        return _differences(saved, now, ignore | ({"text_tokenizer"} if c.text_tokenizer else set()))
 
     def run(self, stages: list[str] | None = None, *, force: bool = False) -> PipelineResult:
         """Run the stages in order (all by default), skipping those already done unless force."""
@@ -277,9 +283,10 @@ class Pipeline:
                 print(f"vqtok pipeline: {stage}: output exists ({c.path(stage)}), skipping", flush=True)
                 changed = self.changed(stage)
                 if changed:
+                    how = (f"run the stage with force (`vqtok run CONFIG --stages {stage} --force`)" if stage == "sample"
+                           else f"delete {c.path(stage)} and run again")
                     print(f"vqtok pipeline: {stage}: note: that output was made with other options ({'; '.join(changed)}); "
-                          f"to make it again, run the stage with force (`vqtok run CONFIG --stages {stage} --force`, "
-                          f"or Pipeline(cfg).run(stages=[{stage!r}], force=True)) or delete {c.path(stage)}", flush=True)
+                          f"to make it with these, {how}", flush=True)
                 skipped.append(stage)
                 continue
             print(f"vqtok pipeline: {stage} -> {c.path(stage)}", flush=True)
@@ -294,6 +301,39 @@ class Pipeline:
                              str(c.path("export-lm")) if c.export else None)
         print(summary(res), flush=True)
         return res
+
+    def _fit_text_tokenizer(self):
+        """Fit the text tokenizer. A refit goes to text-tokenizer/candidate/ first: when it differs from
+        the file the export or the prior were made with, it is refused (their ids would not be the new
+        tokenizer's) and the file stays; otherwise it replaces the file."""
+        c = self.cfg
+        cfg, file = c.stage_config("train-text-tokenizer"), c.text_tokenizer_file
+        old = _file_id(file)
+        if old is None:
+            r = run_text_tokenizer(cfg)
+        else:
+            candidate = file.parent / "candidate" / file.name
+            r = run_text_tokenizer(dataclasses.replace(cfg, out=str(candidate)))
+            users = [str(c.path(s)) for s in ("export-lm", "train-prior") if _made_with(c.path(s)) == old]
+            if r.id != old and users:
+                shutil.rmtree(candidate.parent)
+                try:
+                    before = json.loads((file.parent / "_done.json").read_text()).get("options")
+                except (FileNotFoundError, json.JSONDecodeError):
+                    before = None
+                raise ConfigError(
+                    f"pipeline.text_tokenizer: these options fit another text tokenizer ({r.id[:23]}...) than the one "
+                    f"{' and '.join(users)} were made with ({old[:23]}..., {file}"
+                    + (f", from {json.dumps(before)}" if before else "") + "): their text ids are that one's. Keep "
+                    f"its options, or delete {' and '.join(users)} to make them again with the new one")
+            os.replace(candidate, file)
+            shutil.rmtree(candidate.parent)
+            r.out = str(file)
+            print(f"vqtok pipeline: train-text-tokenizer: {file} "
+                  + ("is the same file as before" if r.id == old else "replaced (nothing was made with the old one)"),
+                  flush=True)
+        save_json({"id": r.id, "options": _text_options(cfg), "captions": r.captions}, file.parent / "_done.json")
+        return r
 
     def _run_stage(self, stage: str):
         c = self.cfg
@@ -313,10 +353,7 @@ class Pipeline:
                 run_tokenize(val)
             return r
         if stage == "train-text-tokenizer":
-            cfg = c.stage_config(stage)
-            r = run_text_tokenizer(cfg)
-            save_json({"id": r.id, "options": cfg.to_dict(), "captions": r.captions}, c.path(stage) / "_done.json")
-            return r
+            return self._fit_text_tokenizer()
         if stage == "export-lm":
             return run_export(c.stage_config("export-lm"))
         if stage == "train-prior":
@@ -359,12 +396,51 @@ def _fitted(out: Path, cfg: TextTokenizerConfig) -> bool:
     except (FileNotFoundError, json.JSONDecodeError):
         return False
     file_id = _file_id(out / "tokenizer.json")
-    return file_id is not None and done.get("id") == file_id and done.get("options") == cfg.to_dict()
+    return file_id is not None and done.get("id") == file_id and done.get("options") == _text_options(cfg)
 
 
-def _exported(export: Path, tokens: Path, text_id: str | None = None) -> bool:
-    """Complete, from the token dataset's parts as they are now (by their sha256), and (text_id)
-    with that text tokenizer."""
+def _text_options(cfg: TextTokenizerConfig) -> dict:
+    """The options a fit depends on (not where the captions and the file are: the pipeline's paths)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in _FIXED["text_tokenizer"]}
+
+
+def _text_id(spec: str) -> str | None:
+    """The id of the text tokenizer `spec` names ("bytes", a tokenizer.json path or URL); None when it
+    cannot be read (then what was made with it is not done: its job says why)."""
+    from ..models.text_tokenizer import TextTokenizer
+
+    try:
+        return TextTokenizer.load(spec).id
+    except Exception:  # noqa: BLE001 - any failure to read it means "not done"; the job reports the cause
+        return None
+
+
+def _made_with(output: Path) -> str | None:
+    """The text tokenizer id an export (its _export.json) or a text prior (its metrics.json) records."""
+    try:
+        if (output / "_export.json").is_file():
+            return json.loads((output / "_export.json").read_text()).get("options", {}).get("text_tokenizer_id")
+    except json.JSONDecodeError:
+        return None
+    return _metrics(output).get("text", {}).get("text_tokenizer_id")
+
+
+def _differences(saved: dict, now: dict, ignore: set[str], prefix: str = "") -> list[str]:
+    """"name old -> new" for the keys both hold (nested mappings key by key), but those in ignore."""
+    out = []
+    for k in sorted(set(saved) & set(now)):
+        if k in ignore or saved[k] == now[k]:
+            continue
+        if isinstance(saved[k], dict) and isinstance(now[k], dict):
+            out += _differences(saved[k], now[k], set(), f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k} {json.dumps(saved[k])} -> {json.dumps(now[k])}")
+    return out
+
+
+def _exported(export: Path, tokens: Path, text_id: str) -> bool:
+    """Complete, from the token dataset's parts as they are now (by their sha256), and with the text
+    tokenizer whose id is text_id."""
     from ..pipeline.token_dataset import TokenDataset
 
     try:
@@ -373,7 +449,7 @@ def _exported(export: Path, tokens: Path, text_id: str | None = None) -> bool:
     except (FileNotFoundError, json.JSONDecodeError):
         return False
     exported = {r.get("source_sha256") for r in manifest.get("parts", {}).values()}
-    same_text = text_id is None or manifest.get("options", {}).get("text_tokenizer_id") == text_id
+    same_text = manifest.get("options", {}).get("text_tokenizer_id") == text_id
     return bool(manifest.get("complete")) and exported == {p.sha256 for p in parts} and same_text
 
 
@@ -405,7 +481,8 @@ def run_pipeline(opts: RunOptions) -> PipelineResult:
     return Pipeline(PipelineConfig.load(opts.path)).run(stages, force=opts.force)
 
 
-COMMAND = Command("run", "run a pipeline config (YAML/JSON): train, tokenize, train-prior, sample", RunOptions,
+COMMAND = Command("run", "run a pipeline config (YAML/JSON): convert, train, tokenize, train-text-tokenizer, export-lm, "
+                          "train-prior, sample", RunOptions,
                   run_pipeline, config_file=False)
 
 

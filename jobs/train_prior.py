@@ -71,9 +71,10 @@ class PriorTrainConfig(TrainingOptions):
     weight_decay: float = option(0.1, "AdamW weight decay on matrices")
     shuffle_buffer: int = option(20_000, "rows in each worker's shuffle buffer")
     eval_every: int = option(1000, "steps between held-out evaluations")
-    eval_rows: int = option(5000, "held-out rows per periodic evaluation; the final one reads them all")
-    train_eval_rows: int = option(100_000, "without --val-tokens: training rows the final evaluation reads (the "
-                                           "first N; a held-out set is read whole)")
+    eval_rows: int = option(5000, "rows per periodic evaluation (each of W workers reads the first N/W of its "
+                                  "share); the final one reads every held-out row")
+    train_eval_rows: int = option(100_000, "without --val-tokens: training rows the final evaluation reads (each of "
+                                           "W workers the first N/W of its share; a held-out set is read whole)")
     stats_rows: int = option(2_000_000, "rows counted (in part order) for the unigram entropy and the labels")
     sample_grid: bool = option(True, "write samples.png at the end (needs the tokenizer)")
 
@@ -356,9 +357,10 @@ class PriorTask(Task[PriorTrainConfig, PriorPayload]):
 
     # --- evaluation: held-out bits per token, every rank its share, summed over ranks -----------
     def evaluate(self, model: Prior, step: int, *, final: bool = False) -> None:
-        """Bits per token on the held-out parts (else the training parts): the first --eval-rows
-        rows during training; at the end every held-out row, or the first --train-eval-rows rows of
-        the training data (a full pass over a large corpus would cost as much as an epoch)."""
+        """Bits per token on the held-out parts (else the training parts): --eval-rows rows during
+        training; at the end every held-out row, or --train-eval-rows rows of the training data (a
+        full pass over a large corpus would cost as much as an epoch). Each of W ranks reads the
+        first N/W rows of its own share (at most: a share can be shorter)."""
         held_out = bool(self.payload.val_parts)
         max_rows = self.cfg.eval_rows if not final else None if held_out else self.cfg.train_eval_rows
         val_bits, empty_bits, rows = self.bits_per_token(model, max_rows=max_rows)

@@ -1,6 +1,8 @@
 """The pipeline API (one config, every stage, skip what exists), its config files and errors, and
 the demo command."""
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -124,8 +126,17 @@ def test_pipeline_runs_every_stage_then_skips_what_exists(tmp_path, capsys):
     edited = PipelineConfig.from_dict(cfg.to_dict() | {"sample": {"n": 30}, "tokenize": {"workers": 2}})
     assert Pipeline(edited).run().ran == []
     out = capsys.readouterr().out
-    assert "sample: note: that output was made with other options (n 20 -> 30); to make it again, run the stage " \
-           "with force" in out and "--stages sample --force" in out and "tokenize: note" not in out
+    assert "sample: note: that output was made with other options (n 20 -> 30); to make it with these, run the " \
+           "stage with force" in out and "--stages sample --force" in out and "tokenize: note" not in out
+    # a trained stage is not redone by force (it would resume at its last step): the note says to delete it
+    edited = PipelineConfig.from_dict(cfg.to_dict() | {"prior": dict(TINY_PRIOR, lr=5e-4)})
+    assert Pipeline(edited).run().ran == []
+    out = capsys.readouterr().out
+    assert f"train-prior: note: that output was made with other options (lr 0.001 -> 0.0005); to make it with " \
+           f"these, delete {tmp_path / 'run' / 'prior'} and run again" in out
+    # the same run directory written another way (relative, not absolute) is not another option
+    relative = PipelineConfig.from_dict(cfg.to_dict() | {"out": os.path.relpath(tmp_path / "run")})
+    assert Pipeline(relative).run().ran == [] and "note:" not in capsys.readouterr().out
     Path(res.samples).unlink()
     assert Pipeline(cfg).run().ran == ["sample"]
 
@@ -162,6 +173,8 @@ def test_the_text_tokenizer_stage_fits_the_captions_once_and_again_when_they_cha
     res = Pipeline(other).run(stages=["train-text-tokenizer"])
     assert res.ran == ["train-text-tokenizer"] and res.results["train-text-tokenizer"].captions > len(captions)
     assert Pipeline(other).done("train-text-tokenizer") and not pipe.done("train-text-tokenizer")
+    assert TextTokenizer.load(str(file)).id == res.results["train-text-tokenizer"].id != text.id
+    assert sorted(p.name for p in file.parent.iterdir()) == ["_done.json", "tokenizer.json"]  # no candidate left
     file.write_bytes(file.read_bytes() + b" ")
     assert not Pipeline(other).done("train-text-tokenizer")  # not the file it wrote
 
@@ -193,14 +206,22 @@ def test_a_text_pipeline_tokenizes_captions_exports_and_samples_prompts(tmp_path
     assert json.loads((tmp_path / "run" / "prior" / "metrics.json").read_text())["text"]["order"] == "text-first"
     assert Image.open(res.samples).size[0] > 0
     assert Pipeline(cfg).run().ran == []  # every stage done, the export included
-    # another text tokenizer: the export and the prior made with the old one are not done any more, and
-    # the export's job refuses to mix the two vocabularies, naming the change and the fix
+    # options that fit another text tokenizer: refused while the export and the prior were made with this one
+    # (the file stays); once they are deleted, fitted, and the export and the prior are not done any more
     other = PipelineConfig.from_dict(cfg.to_dict() | {"text_tokenizer": {"vocab_size": 300}})  # 447 ids saturate 512
+    same = PipelineConfig.from_dict(cfg.to_dict() | {"text_tokenizer": {"vocab_size": 1024}})
+    assert Pipeline(same).run(stages=["train-text-tokenizer"]).ran == ["train-text-tokenizer"]  # the same file
+    assert TextTokenizer.load(res.text_tokenizer).id == text.id and Pipeline(same).done("export-lm")
+    with pytest.raises(ConfigError, match=r"pipeline.text_tokenizer: these options fit another text tokenizer .* "
+                                          r"delete .*export and .*prior to make them again"):
+        Pipeline(other).run(stages=["train-text-tokenizer"])
+    assert TextTokenizer.load(res.text_tokenizer).id == text.id and Pipeline(same).done("train-prior")
+    shutil.rmtree(tmp_path / "run" / "prior")
+    with pytest.raises(ConfigError, match=r"delete .*export to make them again"):
+        Pipeline(other).run(stages=["train-text-tokenizer"])
+    shutil.rmtree(tmp_path / "run" / "export")
     assert Pipeline(other).run(stages=["train-text-tokenizer"]).ran == ["train-text-tokenizer"]
-    assert Pipeline(other).done("tokenize") and not Pipeline(other).done("export-lm")
-    assert not Pipeline(other).done("train-prior")
-    with pytest.raises(ConfigError, match=r"other options \(--text-tokenizer \(id\) sha256:.*delete .*export"):
-        Pipeline(other).run(stages=["export-lm"])
+    assert TextTokenizer.load(res.text_tokenizer).id != text.id and not Pipeline(other).done("export-lm")
 
 
 @pytest.mark.slow
