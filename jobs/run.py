@@ -230,13 +230,12 @@ class Pipeline:
         # the export and a text prior count as done only when made with their text tokenizer as it is now
         if stage == "export-lm":
             text_id = _text_id(c.stage_config(stage).text_tokenizer)
-            return text_id is not None and _exported(c.path("export-lm"), c.path("tokenize"), text_id)
+            return (text_id is not None and _made_with(c.path(stage)) == text_id
+                    and _exported(c.path(stage), c.path("tokenize")))
         if stage == "train-prior":
             cfg = c.stage_config(stage)
-            if not _finished(c.path("train-prior") / "metrics.json", cfg.steps):
-                return False
-            made_with = _metrics(c.path("train-prior")).get("text", {}).get("text_tokenizer_id")
-            return made_with == _text_id(cfg.text_tokenizer) if cfg.text_tokenizer else made_with is None
+            return (_finished(c.path(stage) / "metrics.json", cfg.steps)
+                    and _made_with(c.path(stage)) == (_text_id(cfg.text_tokenizer) if cfg.text_tokenizer else None))
         if stage == "sample":
             return c.path("sample").is_file()
         raise ConfigError(f"unknown stage {stage!r}; stages: {', '.join(STAGES)}")
@@ -252,10 +251,7 @@ class Pipeline:
                     "sample": c.path("sample").with_suffix(".json")}.get(stage)
         if saved_at is None:
             return []
-        try:
-            saved = json.loads(saved_at.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return []
+        saved = _read_json(saved_at)
         if stage == "export-lm":
             saved = saved.get("options", {})
         now = json.loads(json.dumps(c.stage_config(stage).to_dict(), default=str))
@@ -308,7 +304,7 @@ class Pipeline:
         tokenizer's) and the file stays; otherwise it replaces the file."""
         c = self.cfg
         cfg, file = c.stage_config("train-text-tokenizer"), c.text_tokenizer_file
-        old = _file_id(file)
+        old = _text_id(str(file))
         if old is None:
             r = run_text_tokenizer(cfg)
         else:
@@ -317,10 +313,7 @@ class Pipeline:
             users = [str(c.path(s)) for s in ("export-lm", "train-prior") if _made_with(c.path(s)) == old]
             if r.id != old and users:
                 shutil.rmtree(candidate.parent)
-                try:
-                    before = json.loads((file.parent / "_done.json").read_text()).get("options")
-                except (FileNotFoundError, json.JSONDecodeError):
-                    before = None
+                before = _read_json(file.parent / "_done.json").get("options")
                 raise ConfigError(
                     f"pipeline.text_tokenizer: these options fit another text tokenizer ({r.id[:23]}...) than the one "
                     f"{' and '.join(users)} were made with ({old[:23]}..., {file}"
@@ -363,39 +356,23 @@ class Pipeline:
         raise ConfigError(f"unknown stage {stage!r}")
 
 
-def _finished(metrics: Path, steps: int) -> bool:
+def _read_json(path: Path) -> dict:
+    """A JSON file a stage wrote; {} when it is not there (or not whole)."""
     try:
-        return json.loads(metrics.read_text()).get("steps") == steps
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
-
-
-def _metrics(run: Path) -> dict:
-    try:
-        return json.loads((run / "metrics.json").read_text())
+        return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return {}
 
 
-def _file_id(path: Path) -> str | None:
-    """A text tokenizer file's id ("sha256:" + its bytes' sha256, as TextTokenizer computes it); None if absent."""
-    import hashlib
-
-    try:
-        return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
-    except FileNotFoundError:
-        return None
+def _finished(metrics: Path, steps: int) -> bool:
+    return _read_json(metrics).get("steps") == steps
 
 
 def _fitted(out: Path, cfg: TextTokenizerConfig) -> bool:
     """The tokenizer.json is there, the one recorded (by its id), fitted with these options. Parts
     the token dataset gains later do not refit it: a byte-level BPE encodes any caption, and the ids
     already written (the export, the prior) stay valid."""
-    try:
-        done = json.loads((out / "_done.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return False
-    file_id = _file_id(out / "tokenizer.json")
+    done, file_id = _read_json(out / "_done.json"), _text_id(str(out / "tokenizer.json"))
     return file_id is not None and done.get("id") == file_id and done.get("options") == _text_options(cfg)
 
 
@@ -416,13 +393,12 @@ def _text_id(spec: str) -> str | None:
 
 
 def _made_with(output: Path) -> str | None:
-    """The text tokenizer id an export (its _export.json) or a text prior (its metrics.json) records."""
-    try:
-        if (output / "_export.json").is_file():
-            return json.loads((output / "_export.json").read_text()).get("options", {}).get("text_tokenizer_id")
-    except json.JSONDecodeError:
-        return None
-    return _metrics(output).get("text", {}).get("text_tokenizer_id")
+    """The text tokenizer id an export (its _export.json) or a text prior (its metrics.json) records;
+    None for anything else (a class prior, no output)."""
+    export = _read_json(output / "_export.json")
+    if export:
+        return export.get("options", {}).get("text_tokenizer_id")
+    return _read_json(output / "metrics.json").get("text", {}).get("text_tokenizer_id")
 
 
 def _differences(saved: dict, now: dict, ignore: set[str], prefix: str = "") -> list[str]:
@@ -438,9 +414,8 @@ def _differences(saved: dict, now: dict, ignore: set[str], prefix: str = "") -> 
     return out
 
 
-def _exported(export: Path, tokens: Path, text_id: str) -> bool:
-    """Complete, from the token dataset's parts as they are now (by their sha256), and with the text
-    tokenizer whose id is text_id."""
+def _exported(export: Path, tokens: Path) -> bool:
+    """Complete, and from the token dataset's parts as they are now (by their sha256)."""
     from ..pipeline.token_dataset import TokenDataset
 
     try:
@@ -449,8 +424,7 @@ def _exported(export: Path, tokens: Path, text_id: str) -> bool:
     except (FileNotFoundError, json.JSONDecodeError):
         return False
     exported = {r.get("source_sha256") for r in manifest.get("parts", {}).values()}
-    same_text = manifest.get("options", {}).get("text_tokenizer_id") == text_id
-    return bool(manifest.get("complete")) and exported == {p.sha256 for p in parts} and same_text
+    return bool(manifest.get("complete")) and exported == {p.sha256 for p in parts}
 
 
 def summary(r: PipelineResult) -> str:

@@ -216,6 +216,13 @@ def test_a_text_pipeline_tokenizes_captions_exports_and_samples_prompts(tmp_path
                                           r"delete .*export and .*prior to make them again"):
         Pipeline(other).run(stages=["train-text-tokenizer"])
     assert TextTokenizer.load(res.text_tokenizer).id == text.id and Pipeline(same).done("train-prior")
+    # the file edited by hand (still a tokenizer, another id): what was made with the old one is not done
+    file = Path(res.text_tokenizer)
+    original = file.read_bytes()
+    file.write_bytes(original + b"\n")
+    assert not Pipeline(cfg).done("export-lm") and not Pipeline(cfg).done("train-prior")
+    file.write_bytes(original)
+    assert Pipeline(cfg).done("export-lm") and Pipeline(cfg).done("train-prior")
     shutil.rmtree(tmp_path / "run" / "prior")
     with pytest.raises(ConfigError, match=r"delete .*export to make them again"):
         Pipeline(other).run(stages=["train-text-tokenizer"])
